@@ -1,0 +1,310 @@
+"""Tests for msf_monai.flows: RealNVP style flows, temperature sampling and the flow bank."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from nflows.transforms import ActNorm
+
+from msf_monai.flows import (
+    ClampedAffineCoupling,
+    CouplingMLP,
+    FlowFitError,
+    StyleFlowBank,
+    build_style_flow,
+    fit_flow,
+    sample_flow,
+)
+
+LAYERS = {2: 32, 3: 16, 4: 16}
+
+
+def _perturb(flow, scale=0.3, seed=0):
+    """Randomise every parameter so the flow is far from the identity; mark ActNorms initialised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    for m in flow.modules():
+        if isinstance(m, ActNorm):
+            m.initialized.fill_(True)
+    return flow.eval()
+
+
+def _nonlinear_data(n, seed):
+    """Correlated, non-Gaussian 16-D data: banana (quadratic) and log-normal components."""
+    a = torch.randn(16, 16, generator=torch.Generator().manual_seed(1)) * 0.4 + torch.eye(16)
+    z = torch.randn(n, 16, generator=torch.Generator().manual_seed(seed)) @ a.T
+    x = z.clone()
+    x[:, 1::4] = z[:, 1::4] + 0.6 * (z[:, 0::4] ** 2 - 1)
+    x[:, 2::4] = torch.exp(0.5 * z[:, 2::4])
+    return x
+
+
+@pytest.fixture(scope="module")
+def fitted_flow():
+    torch.manual_seed(0)
+    train, test = _nonlinear_data(2000, seed=10), _nonlinear_data(1000, seed=11)
+    flow = build_style_flow(16)
+    history = fit_flow(flow, train, epochs=15, lr=3e-3, batch_size=100, val_data=test, seed=0, log_every=0)
+    return flow, train, test, history
+
+
+def _fake_stats(n=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    stats = {}
+    for layer, c in LAYERS.items():
+        latent = torch.randn(n, 4, generator=g)
+        mix = torch.randn(4, c, generator=g)
+        mean = latent @ mix + 0.1 * torch.randn(n, c, generator=g)
+        var = torch.exp(0.5 * (latent @ mix) / 2 + 0.1 * torch.randn(n, c, generator=g))
+        stats[layer] = {"mean": mean, "var": var.numpy() if layer == 3 else var}  # ndarray accepted too
+    return stats
+
+
+@pytest.fixture(scope="module")
+def banks():
+    out = {}
+    for statistic in ("std", "variance"):
+        torch.manual_seed(0)
+        bank = StyleFlowBank(LAYERS, statistic=statistic)
+        hist = bank.fit(_fake_stats(), epochs=3, lr=1e-3, batch_size=20, val_fraction=0.2, seed=0, log_every=0)
+        out[statistic] = (bank, hist)
+    return out
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_fresh_flow_is_identity_and_perturbed_flow_inverts():
+    fresh = build_style_flow(7).eval()
+    x = torch.randn(32, 7)
+    z, logdet = fresh._transform(x)
+    assert torch.allclose(z, x) and torch.allclose(logdet, torch.zeros(32))
+
+    flow = _perturb(build_style_flow(7, base="diagonal"))  # odd feature count
+    x = torch.randn(64, 7)
+    with torch.no_grad():
+        z, logdet = flow._transform(x)
+    assert (z - x).abs().max() > 0.1, "perturbed flow should not be the identity"
+    with torch.no_grad():
+        x_rec, inv_logdet = flow._transform.inverse(z)
+    assert torch.allclose(x_rec, x, atol=1e-4)
+    assert torch.allclose(logdet, -inv_logdet, atol=1e-4)
+
+    # log|det J| of the forward map matches autograd for a few rows
+    fn = lambda row: flow._transform(row.unsqueeze(0))[0].squeeze(0)  # noqa: E731
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(fn, x[i])
+        assert math.isclose(float(torch.linalg.slogdet(jac)[1]), float(logdet[i]), abs_tol=1e-3)
+
+
+def test_clamped_coupling_scale_is_exp_and_bounded():
+    coupling = ClampedAffineCoupling(torch.tensor([1, 0, 1, 0]), lambda i, o: CouplingMLP(i, o, (8,)), scale_clamp=2.0)
+    params = torch.tensor([[0.5, -0.5, 1.0, 100.0]])  # shifts of 2 transformed features, then raw log-scales
+    x = torch.ones(1, 2)
+    y, logdet = coupling._coupling_transform_forward(x, params)
+    s = torch.tensor([2.0 * math.tanh(0.5), 2.0 * math.tanh(50.0)])  # soft clamp
+    assert torch.allclose(y, x * torch.exp(s) + torch.tensor([0.5, -0.5]))  # expands (nflows' own cannot)
+    assert float(logdet) == pytest.approx(float(s.sum()), abs=1e-5)
+    assert float(logdet) <= 2.0 * 2 + 1e-5
+    x_back, inv_logdet = coupling._coupling_transform_inverse(y, params)
+    assert torch.allclose(x_back, x, atol=1e-5) and float(inv_logdet) == pytest.approx(-float(logdet))
+    with pytest.raises(ValueError):
+        ClampedAffineCoupling([1, 0], lambda i, o: CouplingMLP(i, o), scale_clamp=0.0)
+
+
+@pytest.mark.parametrize("features", [2, 3, 32])
+def test_build_style_flow_shapes(features):
+    flow = build_style_flow(features, num_blocks=2)
+    assert flow.log_prob(torch.randn(5, features)).shape == (5,)
+    with pytest.raises(ValueError):
+        build_style_flow(1)
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def test_flow_beats_diagonal_gaussian(fitted_flow):
+    flow, train, test, history = fitted_flow
+    mu, var = train.mean(0), train.var(0)
+    diag_nll = float((0.5 * (test - mu) ** 2 / var + 0.5 * torch.log(2 * math.pi * var)).sum(1).mean())
+    flow_nll = float(-flow.log_prob(test).mean().detach())
+    assert history[-1]["val_nll"] == pytest.approx(flow_nll, rel=1e-4)
+    assert flow_nll < diag_nll - 2.0, (flow_nll, diag_nll)
+    assert history[-1]["train_nll"] < history[0]["train_nll"]
+    assert [h["epoch"] for h in history] == list(range(1, 16))
+    assert not flow.training
+
+
+def test_fit_flow_validates_data():
+    flow = build_style_flow(4)
+    bad = torch.randn(50, 4)
+    bad[3, 1] = float("nan")
+    bad[7, 2] = float("inf")
+    with pytest.raises(ValueError, match="2 non-finite"):
+        fit_flow(flow, bad, epochs=1)
+    with pytest.raises(ValueError, match="2-D"):
+        fit_flow(flow, torch.randn(50), epochs=1)
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_flow(flow, torch.randn(1, 4), epochs=1)
+    with pytest.raises(ValueError, match="features"):
+        fit_flow(flow, torch.randn(10, 5), epochs=1)
+
+
+def test_fit_flow_divergence_raises():
+    flow = build_style_flow(4)
+    with pytest.raises(FlowFitError, match="epoch"):
+        fit_flow(flow, torch.randn(200, 4), epochs=20, lr=1e6, batch_size=20, seed=0, log_every=0)
+    assert issubclass(FlowFitError, FloatingPointError) and issubclass(FlowFitError, RuntimeError)
+
+
+def test_fit_flow_handles_constant_column_and_logs(caplog):
+    data = torch.randn(100, 3)
+    data[:, 1] = 2.0  # dead channel: naive ActNorm init would produce inf/NaN
+    flow = build_style_flow(3, num_blocks=2)
+    with caplog.at_level(logging.INFO, logger="msf_monai.flows"):
+        hist = fit_flow(flow, data.numpy().astype(np.float64), epochs=2, lr=1e-3, seed=0, log_every=1)
+    assert all(math.isfinite(h["train_nll"]) for h in hist)
+    assert any("epoch 2/2" in r.getMessage() for r in caplog.records)
+    samples, _ = sample_flow(flow, 50, temperature=1.0)
+    assert torch.isfinite(samples).all()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_temperature_widens_samples_and_is_reproducible(fitted_flow):
+    flow = fitted_flow[0]
+    cold, _ = sample_flow(flow, 2000, 1.0, generator=torch.Generator().manual_seed(0))
+    hot, _ = sample_flow(flow, 2000, 2.5, generator=torch.Generator().manual_seed(0))
+    assert float(hot.std(0).mean()) > 1.3 * float(cold.std(0).mean())
+    assert (hot.std(0) > cold.std(0)).float().mean() > 0.8
+    again, _ = sample_flow(flow, 2000, 1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cold, again)
+    torch.manual_seed(5)
+    a, _ = sample_flow(flow, 10, 1.0)
+    torch.manual_seed(5)
+    b, _ = sample_flow(flow, 10, 1.0)
+    assert torch.equal(a, b)
+    flow.train()
+    sample_flow(flow, 3)
+    assert flow.training, "sample_flow must restore the training mode"
+    flow.eval()
+
+
+def test_sampling_guard_at_high_temperature(fitted_flow):
+    samples, _ = sample_flow(fitted_flow[0], 500, temperature=3.5, generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (500, 16) and torch.isfinite(samples).all()
+
+    bad_flow = _perturb(build_style_flow(8), scale=1.0, seed=3)
+    raw, _ = sample_flow(bad_flow, 400, 3.5, max_abs=float("inf"), generator=torch.Generator().manual_seed(2))
+    row_max = torch.nan_to_num(raw.abs(), nan=float("inf")).amax(1)
+    limit = float(row_max.quantile(0.8))  # ~20% of the rows of a fresh draw exceed it
+    out, n_replaced = sample_flow(bad_flow, 400, 3.5, max_abs=limit, generator=torch.Generator().manual_seed(2))
+    assert out.shape == (400, 8)
+    assert torch.isfinite(out).all() and float(out.abs().max()) <= limit
+    assert 40 <= n_replaced <= 160
+    with pytest.raises(RuntimeError, match="still"):
+        sample_flow(bad_flow, 20, 3.5, max_abs=1e-6, max_tries=2)
+
+
+def test_diagonal_base_temperature_scales_around_its_mean():
+    flow = build_style_flow(3, base="diagonal").eval()  # fresh: the transform is the identity
+    with torch.no_grad():
+        flow._distribution.mean_.fill_(3.0)
+        flow._distribution.log_std_.fill_(math.log(2.0))
+    x, n_replaced = sample_flow(flow, 20000, temperature=1.5, generator=torch.Generator().manual_seed(0))
+    assert n_replaced == 0
+    assert torch.allclose(x.mean(0), torch.full((3,), 3.0), atol=0.1)
+    assert torch.allclose(x.std(0), torch.full((3,), 3.0), atol=0.1)  # 1.5 * 2
+
+
+# ----------------------------------------------------------------------------- bank
+
+
+def test_bank_config_and_validation():
+    bank = StyleFlowBank(LAYERS)
+    assert bank.layers == [2, 3, 4]
+    assert bank.temperatures == {2: 3.5, 3: 2.5, 4: 1.5}
+    assert bank.config["statistic"] == "std" and bank.config["layer_channels"] == LAYERS
+    assert not bank.is_fitted
+    with pytest.raises(ValueError, match="temperatures"):
+        StyleFlowBank(LAYERS, temperatures={2: 1.0, 3: 1.0})
+    with pytest.raises(ValueError, match="statistic"):
+        StyleFlowBank(LAYERS, statistic="stdev")
+
+    stats = _fake_stats(n=20)
+    stats[3]["var"] = stats[3]["var"].copy()
+    stats[3]["var"][0, :3] = np.nan
+    with pytest.raises(ValueError, match=r"layer 3 statistic 'var'.*3 non-finite"):
+        bank.fit(stats, epochs=1)
+    with pytest.raises(ValueError, match=r"missing layer\(s\) \[4\]"):
+        bank.fit({k: v for k, v in _fake_stats(n=20).items() if k != 4}, epochs=1)
+    stats = _fake_stats(n=20)
+    stats[2]["mean"] = stats[2]["mean"][:, :30]
+    with pytest.raises(ValueError, match="layer 2 statistic 'mean' has 30 channels"):
+        bank.fit(stats, epochs=1)
+
+
+@pytest.mark.parametrize("statistic", ["std", "variance"])
+def test_bank_fit_sample_save_load(banks, statistic, tmp_path):
+    bank, hist = banks[statistic]
+    assert set(hist) == {f"{k}_{layer}" for k in ("mean", "spread") for layer in LAYERS}
+    assert len(hist["spread_2"]) == 3 and "val_nll" in hist["mean_4"][-1]
+    assert bank.is_fitted
+
+    for layer, c in LAYERS.items():
+        mean, std = bank.sample(layer, 17, generator=torch.Generator().manual_seed(0))
+        assert mean.shape == (17, c) and std.shape == (17, c)
+        assert torch.isfinite(mean).all() and (std > 0).all()
+    assert set(bank.last_replaced) >= {"mean", "spread"}
+    draw = bank.sampler(2)
+    assert not isinstance(draw, torch.nn.Module)
+    assert draw(5)[0].shape == (5, 32)
+
+    path = tmp_path / "flows.pt"
+    bank.save(path, epochs=3, dataset="fake", scores=[0.5, 1.5], nested={"a": 1, 2: "b"})
+    assert os.listdir(tmp_path) == ["flows.pt"], "no temporary files left behind"
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "msf_monai.StyleFlowBank" and raw["version"] == 1
+    assert raw["config"]["statistic"] == statistic
+
+    loaded = StyleFlowBank.load(path)
+    assert loaded.metadata == {"epochs": 3, "dataset": "fake", "scores": [0.5, 1.5], "nested": {"a": 1, 2: "b"}}
+    assert loaded.config == bank.config and loaded.is_fitted
+    for layer in LAYERS:
+        a = bank.sample(layer, 9, generator=torch.Generator().manual_seed(7))
+        b = loaded.sample(layer, 9, generator=torch.Generator().manual_seed(7))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_bank_log_prob_scores_shifted_styles_lower(banks):
+    bank, _ = banks["std"]
+    stats = _fake_stats(n=40, seed=1)
+    mean, var = stats[2]["mean"], stats[2]["var"]
+    lp = bank.log_prob(2, mean, var)
+    assert lp.shape == (40,) and torch.isfinite(lp).all()
+    shifted = bank.log_prob(2, mean + 10.0, var * 25.0)
+    assert float(shifted.mean()) < float(lp.mean()) - 10.0
+
+
+def test_bank_load_errors(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        StyleFlowBank.load(missing)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"state_dict": {}}, wrong)
+    with pytest.raises(ValueError, match="wrong.pt"):
+        StyleFlowBank.load(wrong)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        StyleFlowBank.load(garbage)
+    with pytest.raises(TypeError, match="metadata"):
+        StyleFlowBank({2: 4}).save(tmp_path / "x.pt", bad=object())
