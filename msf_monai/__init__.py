@@ -1,3 +1,9 @@
-"""MixStyleFlow for MONAI: domain generalisation for segmentation with normalizing-flow styles."""
+"""MixStyleFlow for MONAI: domain generalisation for segmentation with normalizing-flow styles.
+
+Importing the package imports its modules, so bundle configs need only ``"$import msf_monai"``
+to refer to e.g. ``msf_monai.networks.DualDecoderNet``.
+"""
 
 __version__ = "0.1.0"
+
+from . import bundle, data, engines, flows, handlers, networks, styles, transforms  # noqa: E402,F401

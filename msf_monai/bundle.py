@@ -1,0 +1,105 @@
+"""Small helpers that the bundle configs call: where the bundle lives, checks that a previous
+phase has run, and choosing the source site of a data list."""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["evaluation_list", "find_bundle_root", "phase_command", "require_file", "select_sites", "MissingPhaseOutputError"]
+
+
+class MissingPhaseOutputError(SystemExit):
+    """A phase needs a file that an earlier phase writes.
+
+    A ``SystemExit`` on purpose: MONAI's config evaluation wraps ordinary exceptions in a long
+    traceback, while this one reaches the user as its message alone, with exit status 1."""
+
+
+def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--config_file" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            if value.strip().startswith("["):
+                return [str(v) for v in ast.literal_eval(value)]
+            return [v for v in value.split(",") if v]
+    return []
+
+
+def find_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
+    """The folder of bundle ``name``, whatever the current directory.
+
+    MONAI's ``bundle_root`` would default to the current directory; our configs call this so
+    that ``python -m monai.bundle run --config_file bundles/prostate/configs/phase1.json``
+    reads and writes inside ``bundles/prostate`` when run from the repository root. Looks, in
+    order, at: the ``--config_file`` argument (its ``configs/`` folder's parent), the current
+    directory if it is the bundle, and ``./bundles/<name>``. Override with ``--bundle_root``.
+    """
+    argv = sys.argv if argv is None else argv
+    for cfg in _config_files_from_argv(argv):
+        path = Path(cfg).resolve()
+        if path.parent.name == "configs":
+            return str(path.parent.parent)
+    cwd = Path.cwd()
+    if (cwd / "configs" / "metadata.json").is_file() and (cwd.name == name or (cwd / "configs" / "phase1.json").is_file()):
+        return str(cwd)
+    candidate = cwd / "bundles" / name
+    if (candidate / "configs").is_dir():
+        return str(candidate)
+    return str(cwd)
+
+
+def require_file(path: str | os.PathLike, how_to_create: str) -> str:
+    """Return ``path`` if it exists, else raise a clear error naming it and the command that
+    creates it (e.g. Phase III before Phase II)."""
+    if not Path(path).is_file():
+        raise MissingPhaseOutputError(f"required file not found: {path}\nCreate it first with:\n  {how_to_create}")
+    return str(path)
+
+
+def select_sites(datalist: Sequence[dict], sites: str | Sequence[str] | None, role: str = "source") -> list[dict]:
+    """Items of the data list whose ``site`` is one of ``sites``; a clear error listing the
+    available sites when none match. ``None`` takes the only site of a one-site dataset."""
+    available = sorted({d["site"] for d in datalist})
+    if sites is None:
+        if len(available) != 1:
+            raise ValueError(f"the dataset has several sites {available}: choose the {role} site, e.g. --{role}_site {available[0]}")
+        return list(datalist)
+    wanted = [sites] if isinstance(sites, str) else list(sites)
+    unknown = [s for s in wanted if s not in available]
+    if unknown:
+        raise ValueError(f"{role} site(s) {unknown} not in the dataset; available sites: {available}")
+    return [d for d in datalist if d["site"] in wanted]
+
+
+def evaluation_list(
+    datalist: Sequence[dict], source_site: str | None, val_fraction: float = 0.2, seed: int = 0
+) -> list[dict]:
+    """Cases to evaluate: every case of the unseen sites, and of the source site only the
+    validation patients (the same split as training), so training cases never inflate the
+    source site's Dice. With ``source_site=None`` every case is evaluated."""
+    from msf_monai.data import split_by_patient
+
+    if source_site is None:
+        return list(datalist)
+    source = select_sites(datalist, source_site)
+    _, source_val = split_by_patient(source, val_fraction=val_fraction, seed=seed)
+    return list(source_val) + [d for d in datalist if d["site"] != source_site]
+
+
+def phase_command(bundle_root: str | os.PathLike, config: str) -> str:
+    """The command that runs config ``config`` (e.g. ``"phase2"``) of the bundle at
+    ``bundle_root``, with the path as the user would type it from the current directory."""
+    path = Path(bundle_root) / "configs" / f"{config}.json"
+    try:
+        shown = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        shown = str(path)
+    return f"python -m monai.bundle run --config_file {shown}"

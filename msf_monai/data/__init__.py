@@ -1,0 +1,58 @@
+"""Data helpers: synthetic multi-site prostate demo data and data lists for real layouts."""
+
+from .prostate_lists import (
+    IMAGE_EXTENSIONS,
+    LAYOUTS,
+    DataListError,
+    build_datalist,
+    detect_layout,
+    group_by_site,
+    list_decathlon,
+    list_image_label_folder,
+    list_multisite,
+    patient_key,
+    prostate_datalist,
+    split_by_patient,
+)
+from .slices import SliceDataset, extract_slices
+from .synthetic_prostate import (
+    DEMO_INFO_FILE,
+    DEMO_SITES,
+    DEMO_SOURCE_SITE,
+    GENERATOR_VERSION,
+    SITE_STYLES,
+    acquire,
+    default_cases_per_site,
+    demo_info,
+    ensure_demo_prostate,
+    generate_demo_prostate,
+    sample_anatomy,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LAYOUTS",
+    "DataListError",
+    "build_datalist",
+    "detect_layout",
+    "group_by_site",
+    "list_decathlon",
+    "list_image_label_folder",
+    "list_multisite",
+    "patient_key",
+    "prostate_datalist",
+    "SliceDataset",
+    "extract_slices",
+    "split_by_patient",
+    "DEMO_INFO_FILE",
+    "DEMO_SITES",
+    "DEMO_SOURCE_SITE",
+    "GENERATOR_VERSION",
+    "SITE_STYLES",
+    "acquire",
+    "default_cases_per_site",
+    "demo_info",
+    "ensure_demo_prostate",
+    "generate_demo_prostate",
+    "sample_anatomy",
+]

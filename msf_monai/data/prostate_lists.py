@@ -1,0 +1,423 @@
+"""Data lists for prostate MRI segmentation data in common folder layouts.
+
+Every item is a dict ``{"image": str, "label": str, "site": str, "case": str}`` with absolute
+paths, plus ``"channel": int`` when the image is 4-D (the channel holding the T2 image), ready
+for MONAI ``LoadImaged`` based pipelines.
+
+Supported layouts (see :func:`detect_layout`):
+
+``multisite``
+    the public 6-site multi-site prostate layout ``<root>/<Site>/CaseNN.nii.gz`` +
+    ``CaseNN_segmentation.nii.gz`` (any capitalisation of ``_segmentation``, e.g. the
+    ``_Segmentation`` of NCI-ISBI), PROMISE12-style MetaImage (``CaseNN.mhd`` +
+    ``CaseNN_segmentation.mhd``) or NRRD files; case files directly in ``root`` form one site
+    named after ``root``.
+``decathlon``
+    Medical Segmentation Decathlon Task05_Prostate: ``imagesTr/prostate_NN.nii.gz`` +
+    ``labelsTr/prostate_NN.nii.gz`` (4-D images, T2 = channel 0); site ``"Decathlon"``.
+``folder``
+    ``<root>/images/<name>`` + ``<root>/labels/<name>`` (same file name, or same name with
+    another supported extension); site = name of ``root``.
+
+All problems found (missing root, no cases, an image without a label or a label without an
+image, unreadable headers...) are collected and raised once as :class:`DataListError`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+__all__ = [
+    "DataListError",
+    "IMAGE_EXTENSIONS",
+    "LAYOUTS",
+    "list_multisite",
+    "list_decathlon",
+    "list_image_label_folder",
+    "detect_layout",
+    "build_datalist",
+    "split_by_patient",
+    "group_by_site",
+    "patient_key",
+]
+
+#: file name endings recognised as images (matched case-insensitively; longest first)
+IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd", ".nhdr")
+LAYOUTS: tuple[str, ...] = ("decathlon", "multisite", "folder")
+DECATHLON_SITE = "Decathlon"
+
+_LABEL_RE = re.compile(r"^(?P<case>.+?)_segmentation$", re.IGNORECASE)
+_IGNORED_DIRS = {"__macosx"}
+
+
+class DataListError(ValueError):
+    """Problems found while building a data list; ``problems`` lists each one."""
+
+    def __init__(self, problems: Sequence[str] | str, root=None):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems: list[str] = list(problems)
+        self.root = None if root is None else str(root)
+        where = f" in {self.root}" if self.root else ""
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} found{where}:"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _split_ext(name: str) -> tuple[str, str] | None:
+    low = name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], ext
+    return None
+
+
+def _natural_key(text: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def _visible(path: Path) -> bool:
+    """False for hidden files, macOS ``._`` resource forks and ``__MACOSX`` folders."""
+    return not path.name.startswith(".") and path.name.lower() not in _IGNORED_DIRS
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir()
+                   if _visible(p) and p.is_file() and _split_ext(p.name) is not None),
+                  key=lambda p: _natural_key(p.name))
+
+
+def _check_root(root) -> Path:
+    if root is None or str(root) == "":
+        raise DataListError(["no data root given"])
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataListError([f"data root does not exist: {path}"], root=path)
+    if not path.is_dir():
+        raise DataListError([f"data root is not a folder: {path}"], root=path)
+    if not any(_visible(p) for p in path.iterdir()):
+        raise DataListError([f"data root is empty: {path}"], root=path)
+    return path.absolute()
+
+
+def _read_text_header(path: Path, limit: int = 65536) -> str:
+    with open(path, "rb") as fh:
+        raw = fh.read(limit)
+    cut = raw.find(b"\n\n")  # NRRD: blank line ends the header
+    if path.name.lower().endswith(".nrrd") and cut >= 0:
+        raw = raw[:cut]
+    return raw.decode("latin-1")
+
+
+def _header_info(path: Path) -> tuple[int | None, str | None]:
+    """(number of dimensions, problem text or None) from the image header only."""
+    low = path.name.lower()
+    try:
+        if low.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            return len(nib.load(str(path)).header.get_data_shape()), None
+        if low.endswith((".mhd", ".mha")):
+            text = _read_text_header(path)
+            m = re.search(r"^\s*NDims\s*=\s*(\d+)", text, re.MULTILINE | re.IGNORECASE)
+            if not m:
+                return None, f"cannot read MetaImage header (no NDims): {path}"
+            ndim = int(m.group(1))
+            if low.endswith(".mhd"):
+                d = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", text,
+                              re.MULTILINE | re.IGNORECASE)
+                if not d:
+                    return ndim, f"MetaImage header has no ElementDataFile: {path}"
+                data = d.group(1)
+                if data.upper() != "LOCAL" and not data.upper().startswith("LIST") \
+                        and "%" not in data and not (path.parent / data).is_file():
+                    return ndim, f"MetaImage data file {data!r} is missing for {path}"
+            return ndim, None
+        if low.endswith((".nrrd", ".nhdr")):
+            text = _read_text_header(path)
+            m = re.search(r"^\s*dimension\s*:\s*(\d+)", text, re.MULTILINE | re.IGNORECASE)
+            if not m:
+                return None, f"cannot read NRRD header (no dimension): {path}"
+            return int(m.group(1)), None
+    except Exception as err:  # noqa: BLE001 - any reader failure is reported as a problem
+        return None, f"cannot read image header of {path}: {err}"
+    return None, None
+
+
+def _make_item(image: Path, label: Path, site: str, case: str, problems: list[str],
+               channel: int = 0) -> dict:
+    item = {"image": str(image), "label": str(label), "site": site, "case": case}
+    ndim, problem = _header_info(image)
+    if problem:
+        problems.append(problem)
+    if ndim is not None and ndim >= 4:
+        item["channel"] = int(channel)
+    if label.name.lower().endswith(".mhd"):
+        _, problem = _header_info(label)
+        if problem:
+            problems.append(problem)
+    return item
+
+
+def _scan_case_folder(folder: Path, site: str, problems: list[str]) -> tuple[list[dict], bool]:
+    """Pairs ``<case>.<ext>`` with ``<case>_segmentation.<ext>`` in one folder.
+
+    Returns (items, whether the folder held any case file at all).
+    """
+    images: dict[str, list[Path]] = {}
+    labels: dict[str, list[Path]] = {}
+    for p in _image_files(folder):
+        stem, _ = _split_ext(p.name)
+        m = _LABEL_RE.match(stem)
+        if m:
+            labels.setdefault(m.group("case"), []).append(p)
+        else:
+            images.setdefault(stem, []).append(p)
+    items = []
+    for case in sorted(set(images) | set(labels), key=_natural_key):
+        imgs, labs = images.get(case, []), labels.get(case, [])
+        if len(imgs) > 1:
+            problems.append(f"several images for case {case!r}: " + ", ".join(map(str, imgs)))
+        if len(labs) > 1:
+            problems.append(f"several labels for case {case!r}: " + ", ".join(map(str, labs)))
+        if imgs and not labs:
+            problems.extend(f"image without label: {p} (expected {case}_segmentation"
+                            f"{_split_ext(p.name)[1]} beside it)" for p in imgs)
+        elif labs and not imgs:
+            problems.extend(f"label without image: {p}" for p in labs)
+        elif len(imgs) == 1 and len(labs) == 1:
+            items.append(_make_item(imgs[0], labs[0], site, case, problems))
+    return items, bool(images or labels)
+
+
+# --------------------------------------------------------------------------------------------
+# layouts
+# --------------------------------------------------------------------------------------------
+def list_multisite(root) -> list[dict]:
+    """Items of the per-site layout ``<root>/<site>/CaseNN.nii.gz`` + ``CaseNN_segmentation.*``.
+
+    Case files directly inside ``root`` are listed too, with ``site`` = the name of ``root``.
+    Sub-folders without any image file are ignored.  Sorted by site, then case.
+    """
+    path = _check_root(root)
+    problems: list[str] = []
+    items: list[dict] = []
+    top, _ = _scan_case_folder(path, path.name, problems)
+    items.extend(top)
+    for sub in sorted((p for p in path.iterdir() if p.is_dir() and _visible(p)),
+                      key=lambda p: _natural_key(p.name)):
+        found, _ = _scan_case_folder(sub, sub.name, problems)
+        items.extend(found)
+    if not items and not problems:
+        problems.append(f"no cases found under {path} (expected <root>/<site>/CaseNN.nii.gz "
+                        "with CaseNN_segmentation.nii.gz, or .mhd/.nrrd pairs)")
+    if problems:
+        raise DataListError(problems, root=path)
+    return items
+
+
+def _decathlon_t2_channel(path: Path, problems: list[str]) -> int:
+    meta = path / "dataset.json"
+    if not meta.is_file():
+        return 0
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        problems.append(f"cannot read {meta}: {err}")
+        return 0
+    modality = info.get("modality") or info.get("channel_names") or {}
+    if isinstance(modality, Mapping):
+        for key, name in modality.items():
+            if str(name).strip().upper() in {"T2", "T2W", "T2-WEIGHTED"} and str(key).isdigit():
+                return int(key)
+    return 0
+
+
+def list_decathlon(root) -> list[dict]:
+    """Items of a Medical Segmentation Decathlon task folder (e.g. ``Task05_Prostate``).
+
+    ``imagesTr/<name>.nii.gz`` is paired with ``labelsTr/<name>.nii.gz``; macOS ``._`` files
+    are ignored.  4-D images get ``"channel"``: the T2 channel from ``dataset.json``
+    (``modality``), 0 when not stated.  Site ``"Decathlon"``, case = file name stem.
+    """
+    path = _check_root(root)
+    problems: list[str] = []
+    img_dir, lab_dir = path / "imagesTr", path / "labelsTr"
+    if not img_dir.is_dir():
+        problems.append(f"images folder missing: {img_dir}")
+    if not lab_dir.is_dir():
+        problems.append(f"labels folder missing: {lab_dir}")
+    if problems:
+        raise DataListError(problems, root=path)
+    channel = _decathlon_t2_channel(path, problems)
+    items = _pair_folders(img_dir, lab_dir, DECATHLON_SITE, problems, channel)
+    if not items and not problems:
+        problems.append(f"no cases found in {img_dir}")
+    if problems:
+        raise DataListError(problems, root=path)
+    return items
+
+
+def _pair_folders(img_dir: Path, lab_dir: Path, site: str, problems: list[str],
+                  channel: int = 0) -> list[dict]:
+    """Pair files of the same name (or same stem with another extension) in two folders."""
+    def by_stem(folder):
+        out: dict[str, list[Path]] = {}
+        for p in _image_files(folder):
+            out.setdefault(_split_ext(p.name)[0], []).append(p)
+        return out
+
+    imgs, labs = by_stem(img_dir), by_stem(lab_dir)
+    items = []
+    for stem in sorted(set(imgs) | set(labs), key=_natural_key):
+        i, lab = imgs.get(stem, []), labs.get(stem, [])
+        if len(i) > 1 and lab:
+            exact = [p for p in i if any(q.name == p.name for q in lab)]
+            i = exact or i
+        if len(lab) > 1 and i:
+            exact = [q for q in lab if any(q.name == p.name for p in i)]
+            lab = exact or lab
+        if len(i) > 1:
+            problems.append(f"several images for case {stem!r}: " + ", ".join(map(str, i)))
+        if len(lab) > 1:
+            problems.append(f"several labels for case {stem!r}: " + ", ".join(map(str, lab)))
+        if i and not lab:
+            problems.extend(f"image without label: {p} (no {stem}.* in {lab_dir})" for p in i)
+        elif lab and not i:
+            problems.extend(f"label without image: {q} (no {stem}.* in {img_dir})" for q in lab)
+        elif len(i) == 1 and len(lab) == 1:
+            items.append(_make_item(i[0], lab[0], site, stem, problems, channel))
+    return items
+
+
+def list_image_label_folder(root) -> list[dict]:
+    """Items of ``<root>/images/<name>`` + ``<root>/labels/<name>``; site = name of ``root``."""
+    path = _check_root(root)
+    problems: list[str] = []
+    img_dir, lab_dir = path / "images", path / "labels"
+    if not img_dir.is_dir():
+        problems.append(f"images folder missing: {img_dir}")
+    if not lab_dir.is_dir():
+        problems.append(f"labels folder missing: {lab_dir}")
+    if problems:
+        raise DataListError(problems, root=path)
+    items = _pair_folders(img_dir, lab_dir, path.name, problems)
+    if not items and not problems:
+        problems.append(f"no cases found in {img_dir}")
+    if problems:
+        raise DataListError(problems, root=path)
+    return items
+
+
+def detect_layout(root) -> str:
+    """``"decathlon"`` (has ``imagesTr/``), ``"folder"`` (``images/`` and ``labels/``) or
+    ``"multisite"`` (anything else)."""
+    path = _check_root(root)
+    if (path / "imagesTr").is_dir():
+        return "decathlon"
+    if (path / "images").is_dir() and (path / "labels").is_dir():
+        return "folder"
+    return "multisite"
+
+
+_LISTERS = {"decathlon": list_decathlon, "multisite": list_multisite,
+            "folder": list_image_label_folder}
+
+
+def build_datalist(root, layout: str = "auto") -> list[dict]:
+    """Data list of ``root``; ``layout`` is ``"auto"`` or one of :data:`LAYOUTS`."""
+    key = str(layout).lower()
+    if key == "auto":
+        key = detect_layout(root)
+    if key not in _LISTERS:
+        raise DataListError([f"unknown layout {layout!r}; choose 'auto' or one of {LAYOUTS}"])
+    return _LISTERS[key](root)
+
+
+# --------------------------------------------------------------------------------------------
+# splitting / grouping
+# --------------------------------------------------------------------------------------------
+def patient_key(item: Mapping) -> tuple[str, str]:
+    """The patient identity of an item: ``(site, case)``.
+
+    Case ids restart in every site of the multi-site layout (``BIDMC/Case00`` and
+    ``HK/Case00`` are different patients), so the site is part of the key.
+    """
+    return (str(item.get("site", "")), str(item["case"]))
+
+
+def split_by_patient(items: Iterable[Mapping], val_fraction: float = 0.2,
+                     seed: int = 0) -> tuple[list, list]:
+    """Split items into (train, val) so that no patient is in both.
+
+    Patients (see :func:`patient_key`) are shuffled with ``seed`` (independently of the input
+    order) and drawn per site in proportion, so every site keeps its share.  With
+    ``val_fraction > 0`` and at least two patients, val holds at least one patient and train
+    at least one.  Items keep their input order inside each part.
+    """
+    items = list(items)
+    vf = float(val_fraction)
+    if not 0.0 <= vf < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    by_site: dict[str, list[tuple[str, str]]] = {}
+    for key in sorted({patient_key(it) for it in items},
+                      key=lambda k: (_natural_key(k[0]), _natural_key(k[1]))):
+        by_site.setdefault(key[0], []).append(key)
+    n_total = sum(len(v) for v in by_site.values())
+    n_val = int(round(vf * n_total))
+    if vf > 0 and n_total >= 2:
+        n_val = min(max(n_val, 1), n_total - 1)
+    rng = random.Random(int(seed))
+    for keys in by_site.values():
+        rng.shuffle(keys)
+    # proportional allocation per site (largest remainder), then take the first keys
+    quota = {s: vf * len(k) for s, k in by_site.items()}
+    alloc = {s: min(int(q), len(by_site[s])) for s, q in quota.items()}
+    rest = n_val - sum(alloc.values())
+    order = sorted(by_site, key=lambda s: (-(quota[s] - int(quota[s])), rng.random()))
+    while rest > 0:
+        progressed = False
+        for s in order:
+            if rest > 0 and alloc[s] < len(by_site[s]):
+                alloc[s] += 1
+                rest -= 1
+                progressed = True
+        if not progressed:
+            break
+    while rest < 0:  # rounding gave too many: take back from the largest allocations
+        s = max(alloc, key=lambda k: alloc[k])
+        alloc[s] -= 1
+        rest += 1
+    val_keys = {k for s, keys in by_site.items() for k in keys[: alloc[s]]}
+    train = [it for it in items if patient_key(it) not in val_keys]
+    val = [it for it in items if patient_key(it) in val_keys]
+    return train, val
+
+
+def group_by_site(items: Iterable[Mapping]) -> dict[str, list]:
+    """``{site: [items]}`` with sites in natural sort order, items in input order."""
+    groups: dict[str, list] = {}
+    for it in items:
+        groups.setdefault(str(it.get("site", "")), []).append(it)
+    return {s: groups[s] for s in sorted(groups, key=_natural_key)}
+
+
+def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_seed: int = 0) -> list[dict]:
+    """The bundles' entry point: the data list of ``dataset_dir``.
+
+    When ``dataset_dir`` is the bundle's demo folder (``demo_dir``), the synthetic multi-site
+    demo set is generated there first if it is missing (see
+    :func:`msf_monai.data.ensure_demo_prostate`); any other folder is only read.
+    """
+    if demo_dir is not None and Path(dataset_dir).expanduser().absolute() == Path(demo_dir).expanduser().absolute():
+        from .synthetic_prostate import ensure_demo_prostate
+
+        ensure_demo_prostate(demo_dir, seed=demo_seed)
+    return build_datalist(dataset_dir, layout=layout)

@@ -1,0 +1,158 @@
+"""Training-step logic for MONAI's ``SupervisedTrainer`` (its ``iteration_update`` argument).
+
+* :class:`DualDecoderIteration` - Phase I (and the baselines): segmentation loss on the
+  network's logits plus an L2 reconstruction of the clean image from a noised input
+  (denoising image decoder).
+* :class:`MixStyleFlowIteration` - Phase III: additionally builds a stylized image with the
+  image decoder's MixStyleFlow layers (no gradient), rescales it to the input's intensity range
+  and passes it through the whole network again; four loss terms, one optimizer step.
+
+Both follow ``SupervisedTrainer._iteration``: they honour ``engine.amp``, fill
+``engine.state.output`` (``image``, ``label``, ``pred``, ``loss`` and one entry per loss term)
+and fire the iteration events, ``MODEL_COMPLETED`` included, so MONAI's decollation,
+post-processing and metrics run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+from torch import nn
+
+__all__ = ["add_image_noise", "rescale_to_reference", "DualDecoderIteration", "MixStyleFlowIteration"]
+
+
+def add_image_noise(x: torch.Tensor, std: float) -> torch.Tensor:
+    """Denoising-autoencoder input: ``x + std * N(0, 1)`` clamped to the batch's intensity range
+    (as the reference code)."""
+    if std <= 0:
+        return x
+    return (x + std * torch.randn_like(x)).clamp(x.min().item(), x.max().item())
+
+
+def rescale_to_reference(x: torch.Tensor, reference: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Min-max rescale each image of ``x`` to the intensity range of the same image in ``reference``."""
+    dims = tuple(range(1, x.ndim))
+    x_min, x_max = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+    r_min, r_max = reference.amin(dims, keepdim=True), reference.amax(dims, keepdim=True)
+    return (x - x_min) / (x_max - x_min).clamp_min(eps) * (r_max - r_min) + r_min
+
+
+class DualDecoderIteration:
+    """One training step of the dual-decoder network.
+
+    ``loss = seg_weight * seg_loss(logits, label) + rec_weight * MSE(reconstruction, clean image)``,
+    where the network sees ``image + noise_std * N(0, 1)``. ``engine.loss_function`` is the
+    segmentation loss (e.g. MONAI ``DiceCELoss(sigmoid=True)``: BCE + Dice, the paper's eq. 5).
+
+    Args:
+        rec_weight: weight of the reconstruction loss. The paper's eq. 6 is a plain L2 (1.0);
+            the reference code uses 0.5 * MSE.
+        noise_std: std of the Gaussian noise added to the input (reference code: 0.05).
+        seg_weight: weight of the segmentation loss.
+        rec_loss: reconstruction loss, default ``nn.MSELoss()``.
+    """
+
+    def __init__(
+        self,
+        rec_weight: float = 1.0,
+        noise_std: float = 0.05,
+        seg_weight: float = 1.0,
+        rec_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.rec_weight, self.noise_std, self.seg_weight = float(rec_weight), float(noise_std), float(seg_weight)
+        self.rec_loss = rec_loss if rec_loss is not None else nn.MSELoss()
+
+    def compute_losses(self, engine, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward pass(es) and loss terms; returns output entries, ``loss`` the total."""
+        net = engine.network
+        seg, rec = net(add_image_noise(inputs, self.noise_std))
+        engine.state.output[Keys.PRED] = seg
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        seg_loss = engine.loss_function(seg, targets).mean()
+        rec_loss = self.rec_loss(rec, inputs)
+        return {
+            "seg_loss": seg_loss,
+            "rec_loss": rec_loss,
+            Keys.LOSS: self.seg_weight * seg_loss + self.rec_weight * rec_loss,
+        }
+
+    def __call__(self, engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+
+        def _losses() -> torch.Tensor:
+            terms = self.compute_losses(engine, inputs, targets)
+            engine.state.output.update(terms)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            return terms[Keys.LOSS]
+
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                loss = _losses()
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss = _losses()
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        # loss terms are logged as plain numbers; the graph is no longer needed
+        for key in ("seg_loss", "rec_loss", "seg_loss_stylized", "rec_loss_stylized", Keys.LOSS):
+            if key in engine.state.output:
+                engine.state.output[key] = engine.state.output[key].detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class MixStyleFlowIteration(DualDecoderIteration):
+    """Phase III step (MixStyleFlow, DESIGN section 1).
+
+    1. As Phase I on the (noised) clean batch: ``seg(clean) + rec(clean)``.
+    2. With no gradient, the image decoder is run again on the detached latent code with its
+       style layers active (``network.image_decoder_styles``, normally MixStyleFlow after layers
+       2, 3, 4); the result is rescaled to each input image's intensity range: the stylized image.
+    3. The stylized image goes through the whole network: ``seg(stylized)`` against the same
+       label and ``rec(stylized -> clean image)``.
+
+    ``loss = seg(clean) + rec(clean) + stylized_weight * (seg(stylized) + rec(stylized))``
+    (the paper uses weight 1 for all four terms). ``engine.state.output["stylized"]`` holds the
+    stylized batch for image logging.
+    """
+
+    def __init__(self, stylized_weight: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.stylized_weight = float(stylized_weight)
+
+    def compute_losses(self, engine, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        net = engine.network
+        if len(net.image_decoder_styles) == 0:
+            raise RuntimeError("MixStyleFlowIteration needs style layers in network.image_decoder_styles")
+        z = net.encode(add_image_noise(inputs, self.noise_std))
+        seg, rec = net.segment(z), net.reconstruct(z)
+        with torch.no_grad():
+            stylized = rescale_to_reference(net.reconstruct(z.detach(), stylize=True).float(), inputs).detach()
+        seg_s, rec_s = net(stylized)
+        engine.state.output[Keys.PRED] = seg
+        engine.state.output["stylized"] = stylized
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        terms = {
+            "seg_loss": engine.loss_function(seg, targets).mean(),
+            "rec_loss": self.rec_loss(rec, inputs),
+            "seg_loss_stylized": engine.loss_function(seg_s, targets).mean(),
+            "rec_loss_stylized": self.rec_loss(rec_s, inputs),
+        }
+        clean = self.seg_weight * terms["seg_loss"] + self.rec_weight * terms["rec_loss"]
+        styled = self.seg_weight * terms["seg_loss_stylized"] + self.rec_weight * terms["rec_loss_stylized"]
+        terms[Keys.LOSS] = clean + self.stylized_weight * styled
+        return terms

@@ -1,0 +1,342 @@
+"""Ignite handlers used by the bundles.
+
+* :class:`StyleStatisticsRecorder` - Phase II: gathers the per-image, per-channel feature
+  statistics that :func:`style_statistics_iteration` computes, in one pass, and saves them.
+* :class:`StyleFlowFitter` - Phase II: fits the style flows on those statistics when the pass
+  ends, saves the flow checkpoint, the NLL log and a real-vs-sampled comparison plot.
+* :class:`StylizedImageSaver` - Phase III: PNG grid (and TensorBoard image) of clean vs
+  stylized training images every few epochs.
+* :class:`PerCaseDiceWriter` - evaluation: Dice per case (3-D volume or 2-D image) and
+  per-site means, written as CSV and JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+from monai.metrics import compute_dice
+from monai.utils.enums import CommonKeys as Keys
+
+__all__ = [
+    "style_statistics_iteration",
+    "StyleStatisticsRecorder",
+    "StyleFlowFitter",
+    "StylizedImageSaver",
+    "PerCaseDiceWriter",
+]
+
+logger = logging.getLogger("msf_monai.handlers")
+
+
+def style_statistics_iteration(engine, batchdata: dict) -> dict:
+    """``iteration_update`` for a MONAI ``SupervisedEvaluator`` that records style statistics.
+
+    Runs the frozen network in eval mode on the clean batch and returns, in
+    ``engine.state.output["style_stats"]``, ``{layer: (mean [B, C], variance [B, C])}`` of every
+    image-decoder layer (spatial mean and population variance per image and channel).
+    """
+    batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+    inputs = batch[0]
+    net = engine.network
+    net.eval()
+    with torch.no_grad():
+        _, feats = net.reconstruct(net.encode(inputs), return_features=True)
+    stats = {k: (f.float().mean(dim=(2, 3)), f.float().var(dim=(2, 3), unbiased=False)) for k, f in feats.items()}
+    engine.state.output = {Keys.IMAGE: inputs, "style_stats": stats}
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
+    return engine.state.output
+
+
+class StyleStatisticsRecorder:
+    """Collects ``style_stats`` of the chosen layers over one pass and saves them as ``.npz``
+    (arrays ``mean_<layer>`` and ``var_<layer>`` of shape [N, C]).
+
+    Args:
+        layers: image-decoder layers to keep (paper: 2, 3, 4).
+        output_path: where to write the ``.npz`` when the pass completes (``None``: don't).
+    """
+
+    def __init__(self, layers: Sequence[int] = (2, 3, 4), output_path: str | os.PathLike | None = None):
+        self.layers = [int(k) for k in layers]
+        self.output_path = output_path
+        self._parts: dict[int, list] = defaultdict(list)
+        self.stats: dict[int, dict[str, np.ndarray]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._finish)
+
+    def _reset(self, engine: Engine) -> None:
+        self._parts.clear()
+        self.stats = {}
+
+    def _collect(self, engine: Engine) -> None:
+        stats = engine.state.output["style_stats"]
+        missing = [k for k in self.layers if k not in stats]
+        if missing:
+            raise KeyError(f"the network has no image-decoder layer(s) {missing}; available: {sorted(stats)}")
+        for k in self.layers:
+            mean, var = stats[k]
+            self._parts[k].append((mean.cpu(), var.cpu()))
+
+    def _finish(self, engine: Engine) -> None:
+        for k in self.layers:
+            means, variances = zip(*self._parts[k])
+            self.stats[k] = {"mean": torch.cat(means).numpy(), "var": torch.cat(variances).numpy()}
+        n = len(next(iter(self.stats.values()))["mean"]) if self.stats else 0
+        logger.info("recorded style statistics of %d images at image-decoder layers %s", n, self.layers)
+        if self.output_path is not None:
+            Path(self.output_path).parent.mkdir(parents=True, exist_ok=True)
+            arrays = {f"{s}_{k}": v[s] for k, v in self.stats.items() for s in ("mean", "var")}
+            tmp = f"{self.output_path}.tmp.npz"
+            np.savez(tmp, **arrays)
+            os.replace(tmp, self.output_path)
+            logger.info("saved style statistics to %s", self.output_path)
+
+
+class StyleFlowFitter:
+    """Fits a :class:`msf_monai.flows.StyleFlowBank` on a recorder's statistics when the
+    statistics pass completes, and saves:
+
+    * ``flow_path``: the flow checkpoint (one file; plain state dicts plus metadata);
+    * ``log_path``: the per-epoch NLL history of every flow (JSON);
+    * ``plot_path``: a PNG comparing real statistics with samples at T = 1 and at each layer's
+      configured temperature (first two principal components of the real statistics).
+
+    Args:
+        recorder: the :class:`StyleStatisticsRecorder` attached to the same engine (before this).
+        bank: the (unfitted) flow bank; its layers must match the recorder's.
+        epochs, lr, batch_size, grad_clip, val_fraction, seed: flow fitting settings
+            (paper: 100 epochs, AdamW lr 1e-4, batch 20, gradient-norm clip 5).
+        metadata: extra entries stored in the checkpoint (e.g. the Phase I checkpoint used).
+    """
+
+    def __init__(
+        self,
+        recorder: StyleStatisticsRecorder,
+        bank,
+        flow_path: str | os.PathLike,
+        log_path: str | os.PathLike | None = None,
+        plot_path: str | os.PathLike | None = None,
+        epochs: int = 100,
+        lr: float = 1e-4,
+        batch_size: int = 20,
+        grad_clip: float = 5.0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        metadata: dict | None = None,
+    ):
+        self.recorder, self.bank = recorder, bank
+        self.flow_path, self.log_path, self.plot_path = flow_path, log_path, plot_path
+        self.fit_kwargs = dict(
+            epochs=int(epochs), lr=float(lr), batch_size=int(batch_size), grad_clip=float(grad_clip),
+            val_fraction=float(val_fraction), seed=int(seed),
+        )
+        self.metadata = dict(metadata or {})
+        self.history: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        stats = self.recorder.stats
+        logger.info("fitting %d style flows (%d epochs)", 2 * len(stats), self.fit_kwargs["epochs"])
+        self.history = self.bank.fit(stats, **self.fit_kwargs)
+        n_images = len(next(iter(stats.values()))["mean"])
+        self.bank.save(self.flow_path, num_images=int(n_images), **self.metadata)
+        logger.info("saved style flows to %s", self.flow_path)
+        if self.log_path is not None:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.log_path).write_text(json.dumps(self.history, indent=1))
+        if self.plot_path is not None:
+            plot_style_samples(self.bank, stats, self.plot_path)
+            logger.info("saved real-vs-sampled style plot to %s", self.plot_path)
+
+
+def plot_style_samples(bank, stats: dict, path: str | os.PathLike, n_samples: int = 500, seed: int = 0) -> None:
+    """Scatter real statistics and flow samples (T = 1 and the configured T) in the plane of
+    the real statistics' first two principal components, one row per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(stats)
+    fig, axes = plt.subplots(len(layers), 2, figsize=(9, 3.6 * len(layers)), squeeze=False)
+    gen = torch.Generator().manual_seed(seed)
+    for row, k in enumerate(layers):
+        t_conf = float(bank.temperatures[k])
+        samples = {1.0: bank.sample(k, n_samples, temperature=1.0, generator=gen)}
+        samples[t_conf] = bank.sample(k, n_samples, temperature=t_conf, generator=gen)
+        real_std = np.sqrt(np.maximum(stats[k]["var"], 1e-8))
+        for col, (name, real, index) in enumerate((("mean", stats[k]["mean"], 0), ("std", real_std, 1))):
+            ax = axes[row][col]
+            centre = real.mean(0)
+            _, _, vt = np.linalg.svd(real - centre, full_matrices=False)
+            proj = vt[:2].T
+            for t, colour in ((t_conf, "tab:orange"), (1.0, "tab:blue")):
+                s = samples[t][index].cpu().numpy()
+                s = s[np.all(np.abs(s - centre) < 1e6, axis=1)]
+                ax.scatter(*((s - centre) @ proj).T, s=4, alpha=0.4, c=colour, label=f"flow T={t:g}")
+            ax.scatter(*((real - centre) @ proj).T, s=6, c="black", label="real")
+            lim = 4 * max(np.abs((real - centre) @ proj).max(), 1e-6)
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.set_title(f"image-decoder layer {k}: channel {name}s (PCA of real)")
+            ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+class StylizedImageSaver:
+    """Saves a PNG grid of clean (top row) and stylized (bottom row) training images every
+    ``every_n_epochs`` epochs, from the last batch of the epoch, and adds it to TensorBoard
+    when ``log_dir`` is given.
+
+    Reads ``engine.state.output["image"]`` and ``["stylized"]`` (see
+    :class:`msf_monai.engines.MixStyleFlowIteration`); shows the first channel (or RGB).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, every_n_epochs: int = 5, max_images: int = 8, log_dir: str | None = None):
+        self.output_dir = Path(output_dir)
+        self.every_n_epochs = max(1, int(every_n_epochs))
+        self.max_images = int(max_images)
+        self.log_dir = log_dir
+        self._writer = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs), self)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+
+    def grid(self, output: dict | list[dict]) -> np.ndarray:
+        """``[H', W', 3]`` uint8 grid of the clean and stylized images of a batch output
+        (a dict of batched tensors, or MONAI's decollated list of per-image dicts)."""
+        if isinstance(output, dict):
+            clean, styled = output[Keys.IMAGE][: self.max_images], output["stylized"][: self.max_images]
+        else:
+            items = output[: self.max_images]
+            clean = torch.stack([torch.as_tensor(d[Keys.IMAGE]) for d in items])
+            styled = torch.stack([torch.as_tensor(d["stylized"]) for d in items])
+        clean, styled = clean.detach().float().cpu(), styled.detach().float().cpu()
+        rows = []
+        for batch in (clean, styled):
+            batch = batch[:, :3] if batch.shape[1] >= 3 else batch[:, :1].expand(-1, 3, -1, -1)
+            lo = batch.amin(dim=(1, 2, 3), keepdim=True)
+            hi = batch.amax(dim=(1, 2, 3), keepdim=True)
+            batch = (batch - lo) / (hi - lo).clamp_min(1e-6)
+            rows.append(torch.cat(list(batch), dim=2))  # [3, H, B*W]
+        img = torch.cat(rows, dim=1).permute(1, 2, 0)
+        return (img.numpy() * 255).round().astype(np.uint8)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        first = output[0] if isinstance(output, list) and output else output
+        if not isinstance(first, dict) or "stylized" not in first:
+            return
+        from PIL import Image
+
+        grid = self.grid(output)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / f"stylized_epoch{engine.state.epoch:04d}.png"
+        Image.fromarray(grid).save(path)
+        if self.log_dir is not None:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=self.log_dir)
+            self._writer.add_image("clean_vs_stylized", grid, engine.state.epoch, dataformats="HWC")
+            self._writer.flush()
+
+    def _close(self, engine: Engine) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class PerCaseDiceWriter:
+    """Dice per case and channel, with per-site means, written as CSV and JSON.
+
+    Attach to a MONAI evaluator whose post-processing produces binary ``pred`` and ``label``
+    (one channel per structure) and whose batches carry ``site`` and ``case`` entries. A case
+    is a whole volume (3-D Dice, prostate) or an image (fundus).
+
+    Writes ``<output_dir>/<prefix>_per_case.csv`` (one row per case) and
+    ``<output_dir>/<prefix>_summary.json`` (per-site mean, std and count per channel, the
+    per-site average over sites, and every case).
+
+    Args:
+        channel_names: one name per prediction channel, e.g. ``["prostate"]`` or ``["disc", "cup"]``.
+        site_key, case_key: entries of the data list that name the site and the case.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        channel_names: Sequence[str] = ("foreground",),
+        prefix: str = "dice",
+        site_key: str = "site",
+        case_key: str = "case",
+    ):
+        self.output_dir = Path(output_dir)
+        self.channel_names = list(channel_names)
+        self.prefix, self.site_key, self.case_key = prefix, site_key, case_key
+        self.rows: list[dict] = []
+        self.summary: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        outputs, batch = engine.state.output, engine.state.batch
+        if not isinstance(outputs, list):
+            raise TypeError("PerCaseDiceWriter needs a decollated evaluator output (decollate=True)")
+        for out, item in zip(outputs, batch):
+            pred, label = out[Keys.PRED], out[Keys.LABEL]
+            if pred.shape[0] != len(self.channel_names):
+                raise ValueError(f"prediction has {pred.shape[0]} channels but channel_names is {self.channel_names}")
+            dice = compute_dice(pred[None].float(), label[None].float(), include_background=True, ignore_empty=False)[0]
+            row = {"site": str(item.get(self.site_key, "")), "case": str(item.get(self.case_key, ""))}
+            row.update({name: float(d) for name, d in zip(self.channel_names, dice.tolist())})
+            self.rows.append(row)
+
+    def _write(self, engine: Engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / f"{self.prefix}_per_case.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["site", "case", *self.channel_names])
+            writer.writeheader()
+            writer.writerows(self.rows)
+        by_site: dict[str, list[dict]] = defaultdict(list)
+        for row in self.rows:
+            by_site[row["site"]].append(row)
+        sites = {}
+        for site, rows in sorted(by_site.items()):
+            sites[site] = {"n": len(rows)}
+            for name in self.channel_names:
+                values = np.array([r[name] for r in rows], dtype=float)
+                sites[site][name] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values))}
+        self.summary = {
+            "channels": self.channel_names,
+            "sites": sites,
+            "cases": self.rows,
+        }
+        with open(self.output_dir / f"{self.prefix}_summary.json", "w") as f:
+            json.dump(self.summary, f, indent=1)
+        for site, s in sites.items():
+            text = ", ".join(f"{name} {s[name]['mean']:.4f}" for name in self.channel_names)
+            logger.info("Dice %s (n=%d): %s", site, s["n"], text)
+        logger.info("wrote %s", self.output_dir / f"{self.prefix}_per_case.csv")

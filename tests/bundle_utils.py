@@ -1,0 +1,35 @@
+"""Helpers for tests that run bundle workflows as a user would: ``python -m monai.bundle run``
+in a subprocess, on a copy of the bundle in a temporary folder (so the repository stays clean)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def copy_bundle(name: str, dest: Path) -> Path:
+    """Copy ``bundles/<name>`` (configs and docs only) to ``dest/bundles/<name>``."""
+    target = dest / "bundles" / name
+    shutil.copytree(REPO / "bundles" / name, target, ignore=shutil.ignore_patterns("models", "logs", "eval", "demo_data"))
+    return target
+
+
+def run_bundle(cwd: Path, config: str, *args: str, bundle: str = "prostate", timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run --config_file bundles/<bundle>/configs/<config>.json ARGS``
+    from ``cwd``; returns the completed process (stdout and stderr merged)."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/{bundle}/configs/{config}.json", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> str:
+    """The output of a successful run; fails the test with the output's tail otherwise."""
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
+    return proc.stdout
