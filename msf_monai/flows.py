@@ -275,8 +275,12 @@ def fit_flow(
     log_every: int = 10,
     logger: logging.Logger | None = None,
     init_samples: int = 2048,
+    restore_best: bool = True,
 ) -> list[dict[str, float]]:
     """Maximum-likelihood training of ``flow`` on ``data`` ``[N, C]`` (AdamW, shuffled batches).
+
+    With ``val_data`` and ``restore_best``, the flow ends with the weights of the epoch of lowest
+    validation NLL (early stopping: style statistics are few, a flow overfits them quickly).
 
     Before the first step the ActNorm layers are initialised on a random subset of up to
     ``init_samples`` rows (all rows if fewer) instead of on the first mini-batch, which would be
@@ -319,6 +323,7 @@ def fit_flow(
 
     optimiser = torch.optim.AdamW(flow.parameters(), lr=lr, weight_decay=weight_decay)
     history: list[dict[str, float]] = []
+    best_nll, best_state = math.inf, None
     bs = int(batch_size)
     for epoch in range(1, int(epochs) + 1):
         flow.train()
@@ -350,10 +355,17 @@ def fit_flow(
         if xv is not None:
             flow.eval()
             record["val_nll"] = _mean_nll(flow, xv)
+            if restore_best and record["val_nll"] < best_nll:
+                best_nll = record["val_nll"]
+                best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
         history.append(record)
         if log_every and (epoch % int(log_every) == 0 or epoch == int(epochs)):
             extra = f", val NLL {record['val_nll']:.4f}" if "val_nll" in record else ""
             log.info("flow epoch %d/%d: train NLL %.4f%s", epoch, int(epochs), record["train_nll"], extra)
+    if best_state is not None:
+        flow.load_state_dict(best_state)
+        best = min(history, key=lambda r: r["val_nll"])
+        log.info("kept the weights of epoch %d (lowest validation NLL %.4f)", best["epoch"], best["val_nll"])
     flow.eval()
     return history
 

@@ -13,19 +13,35 @@ from monai.transforms import (
     AsDiscreted,
     Compose,
     EnsureTyped,
-    Lambdad,
     LoadImaged,
+    MapTransform,
     Orientationd,
     Resized,
     ScaleIntensityRangePercentilesd,
 )
 
-__all__ = ["prostate_preprocessing"]
+__all__ = ["SelectChanneld", "prostate_preprocessing"]
 
 
-def _first_channel(x):
-    """Keep the first channel: the T2 image of a multi-parametric (4-D) volume."""
-    return x[:1]
+class SelectChanneld(MapTransform):
+    """Keep one channel of a channel-first image: the one named by the item's ``channel_key``
+    entry (the data lists set it for 4-D Decathlon volumes from ``dataset.json``), else
+    ``default``. One-channel images pass unchanged."""
+
+    def __init__(self, keys, channel_key: str = "channel", default: int = 0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.channel_key, self.default = channel_key, int(default)
+
+    def __call__(self, data):
+        d = dict(data)
+        channel = int(d.get(self.channel_key, self.default))
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] > 1:
+                if not 0 <= channel < img.shape[0]:
+                    raise ValueError(f"{key} has {img.shape[0]} channels, channel {channel} was asked for")
+                d[key] = img[channel : channel + 1]
+        return d
 
 
 def prostate_preprocessing(
@@ -37,7 +53,7 @@ def prostate_preprocessing(
     """Preprocessing of a prostate MRI volume (and its label, if ``"label"`` is in ``keys``).
 
     1. Load with MONAI (nibabel for NIfTI, ITK for MetaImage/NRRD), channel first; keep the
-       T2 channel of 4-D Decathlon images.
+       T2 channel of 4-D Decathlon images (:class:`SelectChanneld`).
     2. Reorient to RAS so that the last axis is axial (slices).
     3. Labels: any positive value is prostate (merges the Decathlon/NCI-ISBI zones 1 and 2).
     4. Intensities: percentiles ``lower``..``upper`` mapped to [0, 1] and clipped (the image
@@ -49,7 +65,7 @@ def prostate_preprocessing(
     modes = ["area" if k == "image" else "nearest" for k in keys]
     transforms = [
         LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
-        Lambdad(keys="image", func=_first_channel),
+        SelectChanneld(keys="image"),
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if has_label:

@@ -308,3 +308,16 @@ def test_bank_load_errors(tmp_path):
         StyleFlowBank.load(garbage)
     with pytest.raises(TypeError, match="metadata"):
         StyleFlowBank({2: 4}).save(tmp_path / "x.pt", bad=object())
+
+
+def test_fit_flow_keeps_the_best_validation_epoch():
+    torch.manual_seed(0)
+    data = torch.randn(60, 4) * torch.tensor([1.0, 2.0, 0.5, 1.0])
+    val = torch.randn(30, 4) * torch.tensor([1.0, 2.0, 0.5, 1.0])
+    flow = build_style_flow(4)
+    # a high learning rate on few samples overfits: the last epoch is not the best one
+    history = fit_flow(flow, data, epochs=40, lr=3e-2, batch_size=10, val_data=val, seed=0)
+    best = min(r["val_nll"] for r in history)
+    with torch.no_grad():
+        final = float(-flow.log_prob(val).mean())
+    assert final == pytest.approx(best, rel=1e-5)

@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -97,3 +98,32 @@ def test_real_volumes_in_multisite_layout(tmp_path):
     # source site: its validation patient(s) only (20 % of 5 -> 1); site B: every patient
     _assert_outputs(bundle, n_eval_cases=1 + 2, sites={"A", "B"})
     assert not (bundle / "demo_data").exists()
+    # inference: a NIfTI mask per volume, on the original grid with the original affine
+    check(run_bundle(tmp_path, "inference", "--input_dir", str(data / "B"), "--image_size", "32"))
+    for name in cases["B"]:
+        image = nib.load(data / "B" / f"{name}.nii.gz")
+        mask = nib.load(bundle / "inference" / f"{name}_seg.nii.gz")
+        assert mask.shape == image.shape
+        np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "prostate_nci_isbi").is_dir(), reason="needs ../shared/data")
+def test_inverted_preprocessing_puts_masks_back_on_the_original_grid():
+    """Inference's geometry on a real, non-RAS volume: a 'prediction' equal to the preprocessed
+    label, inverted with the preprocessing, matches the original label."""
+    from monai.transforms import AsDiscrete, Invertd
+
+    from msf_monai.transforms import prostate_preprocessing
+
+    src = SHARED_DATA / "prostate_nci_isbi"
+    item = {"image": str(src / "Case30.nii.gz"), "label": str(src / "Case30_Segmentation.nii.gz")}
+    pre = prostate_preprocessing(128)
+    data = pre(dict(item))
+    data["pred"] = data["label"].clone()
+    restored = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+    restored = AsDiscrete(threshold=0.5)(restored)[0].numpy() > 0
+    original = np.asarray(nib.load(item["label"]).dataobj) > 0
+    assert restored.shape == original.shape
+    dice = 2 * (restored & original).sum() / (restored.sum() + original.sum())
+    assert dice > 0.9

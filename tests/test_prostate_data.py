@@ -414,3 +414,24 @@ def test_split_real_list():
     assert len(val) == round(0.2 * 39)
     assert not {i["case"] for i in train} & {i["case"] for i in val}
     assert split_by_patient(items, 0.2, seed=0) == (train, val)
+
+
+def test_preprocessing_keeps_the_listed_channel_of_4d_volumes(tmp_path):
+    import nibabel as nib
+
+    from msf_monai.transforms import prostate_preprocessing
+
+    vol = np.zeros((16, 16, 4, 2), dtype=np.float32)
+    vol[..., 0] = np.linspace(0, 1, 16)[:, None, None]  # T2: a ramp
+    vol[..., 1] = 7.0  # ADC: constant
+    label = np.zeros((16, 16, 4), dtype=np.uint8)
+    label[4:10, 4:10, 1:3] = 2
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "img.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "lab.nii.gz")
+    item = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
+    out = prostate_preprocessing(32)(dict(item, channel=0))
+    assert out["image"].shape == (1, 32, 32, 4) and out["label"].shape == (1, 32, 32, 4)
+    assert float(out["image"].std()) > 0.1  # the ramp, not the constant channel
+    assert set(np.unique(out["label"].numpy())) == {0.0, 1.0}  # zones merged
+    constant = prostate_preprocessing(32)(dict(item, channel=1))
+    assert float(constant["image"].std()) == pytest.approx(0.0, abs=1e-6)

@@ -249,13 +249,7 @@ def list_decathlon(root) -> list[dict]:
     """
     path = _check_root(root)
     problems: list[str] = []
-    img_dir, lab_dir = path / "imagesTr", path / "labelsTr"
-    if not img_dir.is_dir():
-        problems.append(f"images folder missing: {img_dir}")
-    if not lab_dir.is_dir():
-        problems.append(f"labels folder missing: {lab_dir}")
-    if problems:
-        raise DataListError(problems, root=path)
+    img_dir, lab_dir = _image_label_folders(path, "imagesTr", "labelsTr")
     channel = _decathlon_t2_channel(path, problems)
     items = _pair_folders(img_dir, lab_dir, DECATHLON_SITE, problems, channel)
     if not items and not problems:
@@ -263,6 +257,15 @@ def list_decathlon(root) -> list[dict]:
     if problems:
         raise DataListError(problems, root=path)
     return items
+
+
+def _image_label_folders(path: Path, images: str, labels: str) -> tuple[Path, Path]:
+    """``path/images`` and ``path/labels``; one error naming every missing folder."""
+    img_dir, lab_dir = path / images, path / labels
+    missing = [f"{kind} folder missing: {d}" for kind, d in (("images", img_dir), ("labels", lab_dir)) if not d.is_dir()]
+    if missing:
+        raise DataListError(missing, root=path)
+    return img_dir, lab_dir
 
 
 def _pair_folders(img_dir: Path, lab_dir: Path, site: str, problems: list[str],
@@ -301,13 +304,7 @@ def list_image_label_folder(root) -> list[dict]:
     """Items of ``<root>/images/<name>`` + ``<root>/labels/<name>``; site = name of ``root``."""
     path = _check_root(root)
     problems: list[str] = []
-    img_dir, lab_dir = path / "images", path / "labels"
-    if not img_dir.is_dir():
-        problems.append(f"images folder missing: {img_dir}")
-    if not lab_dir.is_dir():
-        problems.append(f"labels folder missing: {lab_dir}")
-    if problems:
-        raise DataListError(problems, root=path)
+    img_dir, lab_dir = _image_label_folders(path, "images", "labels")
     items = _pair_folders(img_dir, lab_dir, path.name, problems)
     if not items and not problems:
         problems.append(f"no cases found in {img_dir}")
@@ -421,3 +418,17 @@ def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_see
 
         ensure_demo_prostate(demo_dir, seed=demo_seed)
     return build_datalist(dataset_dir, layout=layout)
+
+
+def image_files(folder) -> list[dict]:
+    """Inference list: every image file of ``folder`` (NIfTI, MetaImage, NRRD) that is not a
+    label (``*_segmentation``), as ``{"image": path, "case": name}`` items."""
+    path = _check_root(folder)
+    items = []
+    for p in _image_files(path):
+        stem, _ = _split_ext(p.name)
+        if not _LABEL_RE.match(stem):
+            items.append({"image": str(p), "case": stem})
+    if not items:
+        raise DataListError([f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path}"], root=path)
+    return items
