@@ -12,6 +12,10 @@ constraints=${MSF_TORCH_CONSTRAINTS-requirements/cpu-constraints.txt}
 stamp=.venv/.msf_installed
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ requirements/cpu-constraints.txt -nt "$stamp" ]; then
     echo "installing msf_monai and its dependencies into .venv ..."
-    .venv/bin/python -m pip install --quiet ${constraints:+-c "$constraints"} -e ".[test]"
+    if ! .venv/bin/python -m pip install --quiet ${constraints:+-c "$constraints"} -e ".[test]" > .venv/pip.log 2>&1; then
+        cat .venv/pip.log
+        echo "pip install failed (log above, also in .venv/pip.log)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi

@@ -1,0 +1,119 @@
+"""Write every bundle's phase configs from the shared templates in ``bundles/_templates``.
+
+The workflow of each phase is the same for every task; only the data (lists, preprocessing,
+augmentation, datasets, inferer, post-processing, writer) and a few defaults differ. So the
+workflow lives once, in ``bundles/_templates/<phase>.json`` (Phase III is Phase I plus
+``phase3.json``'s overrides, merged with MONAI's multi-file config loading), and each task
+file ``bundles/_templates/<task>.json`` holds the task's ids:
+
+* ``"common"``: ids for every phase; they never replace an id the phase template defines
+  (e.g. Phase II's ``epochs`` are flow epochs);
+* ``"<phase>"``: ids for that phase only; these replace the template's.
+
+The result, ``bundles/<task>/configs/<phase>.json``, is one self-contained file per phase, so a
+user runs ``python -m monai.bundle run --config_file bundles/<task>/configs/<phase>.json``
+and a packaged bundle needs nothing else. Only the ids a phase refers to are written.
+``tests/test_bundle_configs.py`` fails when a generated file is out of date.
+
+    python scripts/build_configs.py            # write all bundles
+    python scripts/build_configs.py --check    # exit 1 if any file is out of date
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+from monai.bundle import ConfigParser
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = REPO / "bundles" / "_templates"
+PHASES = {
+    "phase1": ["phase1.json"],
+    "phase2": ["phase2.json"],
+    "phase3": ["phase1.json", "phase3.json"],
+    "evaluate": ["evaluate.json"],
+    "inference": ["inference.json"],
+}
+TASKS = ("prostate",)
+_REF = re.compile(r"@([A-Za-z_]\w*)")
+_LAST = ("initialize", "run")
+
+
+def _references(value) -> set[str]:
+    """Top-level ids referred to (``@id`` or ``@id#sub``) anywhere in ``value``."""
+    if isinstance(value, str):
+        return set(_REF.findall(value))
+    if isinstance(value, dict):
+        return set().union(*(_references(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_references(v) for v in value)) if value else set()
+    return set()
+
+
+def render(task: str, phase: str) -> OrderedDict:
+    """The config of ``phase`` for ``task``, as written to the bundle."""
+    base = ConfigParser.load_config_files([str(TEMPLATES / f) for f in PHASES[phase]])
+    spec = json.loads((TEMPLATES / f"{task}.json").read_text(), object_pairs_hook=OrderedDict)
+    task_ids = OrderedDict((k, v) for k, v in spec.get("common", {}).items() if k not in base)
+    task_ids.update(spec.get(phase, {}))
+    # keep the task ids that the phase uses, directly or through other task ids
+    used, todo = set(), set().union(*(_references(v) for k, v in base.items() if k not in task_ids))
+    while todo:
+        key = todo.pop()
+        if key in task_ids and key not in used:
+            used.add(key)
+            todo |= _references(task_ids[key])
+    out = OrderedDict()
+    for key, value in base.items():
+        if key == "bundle_root":
+            out["bundle_name"] = spec["common"]["bundle_name"]
+            out[key] = value
+            out.update((k, v) for k, v in task_ids.items() if k in used and k != "bundle_name")
+        elif key not in _LAST and key not in task_ids:
+            out[key] = value
+    for key in _LAST:
+        if key in base:
+            out[key] = base[key]
+    return out
+
+
+def dumps(config: dict) -> str:
+    """JSON with 4-space indents and short lists of scalars on one line."""
+    text = json.dumps(config, indent=4)
+
+    def _inline(match: re.Match) -> str:
+        items = [s.strip() for s in match.group(1).split(",\n")]
+        flat = "[" + ", ".join(items) + "]"
+        return flat if len(flat) <= 60 else match.group(0)
+
+    return re.sub(r"\[\n\s+((?:[^\[\]{}\n]+,\n\s+)*[^\[\]{}\n]+)\n\s*\]", _inline, text) + "\n"
+
+
+def main(check: bool = False) -> int:
+    stale = []
+    for task in TASKS:
+        folder = REPO / "bundles" / task / "configs"
+        for phase in PHASES:
+            path = folder / f"{phase}.json"
+            text = dumps(render(task, phase))
+            if path.is_file() and path.read_text() == text:
+                continue
+            stale.append(path)
+            if not check:
+                folder.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                print(f"wrote {path.relative_to(REPO)}")
+    if check and stale:
+        print("out of date (run python scripts/build_configs.py):", *[str(p.relative_to(REPO)) for p in stale], sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import fire
+
+    sys.exit(fire.Fire(main))

@@ -1,0 +1,44 @@
+"""The bundles' phase configs are generated from bundles/_templates and must be current."""
+
+import importlib.util
+
+from bundle_utils import REPO
+
+
+def _build_configs():
+    spec = importlib.util.spec_from_file_location("build_configs", REPO / "scripts" / "build_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_configs_are_up_to_date(capsys):
+    assert _build_configs().main(check=True) == 0, capsys.readouterr().out
+
+
+def test_phase3_is_phase1_plus_the_mixstyleflow_overrides():
+    build = _build_configs()
+    for task in build.TASKS:
+        p1, p3 = build.render(task, "phase1"), build.render(task, "phase3")
+        assert p1["train"]["iteration"]["_target_"] == "msf_monai.engines.DualDecoderIteration"
+        assert p3["train"]["iteration"]["_target_"] == "msf_monai.engines.MixStyleFlowIteration"
+        assert "image_decoder_styles" in p3["network_def"] and "image_decoder_styles" not in p1["network_def"]
+        # everything else about the data and validation is shared
+        assert p1["train_dataset"] == p3["train_dataset"] and p1["validate"] == p3["validate"]
+        # every id a phase refers to is defined in it
+        for phase in build.PHASES:
+            config = build.render(task, phase)
+            assert build._references(config) <= set(config), (task, phase, build._references(config) - set(config))
+
+
+def test_metadata_is_valid_against_the_model_zoo_schema():
+    import pytest
+    from monai.bundle import verify_metadata
+
+    from bundle_utils import SHARED_DATA
+
+    schema = SHARED_DATA.parent / "schemas" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip("needs ../shared/schemas")
+    for meta in sorted((REPO / "bundles").glob("*/configs/metadata.json")):
+        verify_metadata(meta_file=str(meta), filepath=str(schema))  # raises on an invalid file
