@@ -29,6 +29,7 @@ from monai.transforms import (
 from monai.utils import convert_to_dst_type
 
 __all__ = [
+    "ChannelsToFundusMaskd",
     "FundusMaskToChannelsd",
     "CupInsideDiscd",
     "EnsureRGBd",
@@ -158,6 +159,22 @@ class CupInsideDiscd(MapTransform):
             else:
                 out = np.asarray(out.cpu().numpy(), dtype=np.asarray(img).dtype)
             d[key] = out
+        return d
+
+
+class ChannelsToFundusMaskd(MapTransform):
+    """Binary ``[disc, cup]`` predictions ([2, H, W]) to one grey mask ``[1, H, W]`` (uint8) in
+    the 5-domain benchmark's coding: 255 background, 128 disc rim, 0 cup; for saving as PNG."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != 2:
+                raise ValueError(f"{key} must have 2 channels [disc, cup], got shape {tuple(img.shape)}")
+            disc, cup = img[0:1] > 0.5, img[1:2] > 0.5
+            mask = 255 - 127 * disc.to(torch.uint8) - 128 * (cup & disc).to(torch.uint8)
+            d[key] = convert_to_dst_type(mask, dst=img, dtype=torch.uint8)[0]
         return d
 
 

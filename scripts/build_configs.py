@@ -38,7 +38,7 @@ PHASES = {
     "evaluate": ["evaluate.json"],
     "inference": ["inference.json"],
 }
-TASKS = ("prostate",)
+TASKS = ("prostate", "fundus")
 _REF = re.compile(r"@([A-Za-z_]\w*)")
 _LAST = ("initialize", "run")
 

@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
-# Installs (scripts/setup_env.sh), then runs the prostate bundle end to end on its built-in
-# synthetic multi-site demo data: Phase I, Phase II, Phase III, and the evaluation of the
-# Phase I and Phase III models on every site. Extra arguments are passed to every phase
-# (e.g. --epochs 2 for a quick look).
+# Installs (scripts/setup_env.sh), then runs a bundle end to end on its built-in synthetic
+# multi-site demo data: Phase I, Phase II, Phase III, and the evaluation of the Phase I and
+# Phase III models on every site, followed by a per-site Dice table.
+#
+#   bash scripts/demo.sh                   # the prostate MRI bundle
+#   bash scripts/demo.sh fundus            # the fundus optic disc/cup bundle
+#   bash scripts/demo.sh prostate --epochs 2   # extra arguments go to every phase
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bundle=prostate
+if [ $# -gt 0 ] && [ -d "bundles/$1" ]; then
+    bundle=$1
+    shift
+fi
+case "$bundle" in
+    prostate) source_site=SiteA ;;
+    fundus) source_site=Domain1 ;;
+    *) echo "unknown bundle: $bundle" >&2; exit 2 ;;
+esac
 bash scripts/setup_env.sh
-run() { .venv/bin/python -m monai.bundle run --config_file "bundles/prostate/configs/$1.json" "${@:2}"; }
+run() { .venv/bin/python -m monai.bundle run --config_file "bundles/$bundle/configs/$1.json" "${@:2}"; }
 start=$(date +%s)
 run phase1 "$@"
 run phase2 "$@"
 run phase3 "$@"
-run evaluate --checkpoint bundles/prostate/models/phase1_model.pt "$@"
-run evaluate --checkpoint bundles/prostate/models/model.pt "$@"
+echo "phases I-III finished in $(( $(date +%s) - start )) s"
+run evaluate --checkpoint "bundles/$bundle/models/phase1_model.pt" "$@"
+run evaluate --checkpoint "bundles/$bundle/models/model.pt" "$@"
 echo "demo finished in $(( $(date +%s) - start )) s"
-.venv/bin/python -m msf_monai.report bundles/prostate/eval/phase1_model_summary.json bundles/prostate/eval/model_summary.json
+.venv/bin/python -m msf_monai.report "bundles/$bundle/eval/phase1_model_summary.json" \
+    "bundles/$bundle/eval/model_summary.json" --source_site "$source_site"

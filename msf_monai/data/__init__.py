@@ -1,5 +1,19 @@
-"""Data helpers: synthetic multi-site prostate demo data and data lists for real layouts."""
+"""Data helpers: synthetic multi-site prostate and multi-domain fundus demo data, and data
+lists for real layouts."""
 
+from .fundus_lists import (
+    FUNDUS_IMAGE_EXTENSIONS,
+    FUNDUS_LAYOUTS,
+    LABEL_FORMATS,
+    build_fundus_datalist,
+    detect_fundus_layout,
+    fundus_datalist,
+    fundus_image_files,
+    list_drishti,
+    list_fundus_domains,
+    list_fundus_folder,
+    parse_fundus_mapping,
+)
 from .prostate_lists import (
     IMAGE_EXTENSIONS,
     LAYOUTS,
@@ -16,6 +30,20 @@ from .prostate_lists import (
     split_by_patient,
 )
 from .slices import SliceDataset, extract_slices
+from .synthetic_fundus import (
+    DEMO_FUNDUS_DOMAINS,
+    DEMO_FUNDUS_SOURCE_DOMAIN,
+    FUNDUS_DOMAIN_STYLES,
+    FUNDUS_GENERATOR_VERSION,
+    MASK_BACKGROUND,
+    MASK_CUP,
+    MASK_RIM,
+    acquire_fundus,
+    default_fundus_counts,
+    ensure_demo_fundus,
+    generate_demo_fundus,
+    sample_fundus_anatomy,
+)
 from .synthetic_prostate import (
     DEMO_INFO_FILE,
     DEMO_SITES,
@@ -57,4 +85,28 @@ __all__ = [
     "ensure_demo_prostate",
     "generate_demo_prostate",
     "sample_anatomy",
+    # fundus
+    "FUNDUS_IMAGE_EXTENSIONS",
+    "FUNDUS_LAYOUTS",
+    "LABEL_FORMATS",
+    "build_fundus_datalist",
+    "detect_fundus_layout",
+    "fundus_datalist",
+    "fundus_image_files",
+    "list_drishti",
+    "list_fundus_domains",
+    "list_fundus_folder",
+    "parse_fundus_mapping",
+    "DEMO_FUNDUS_DOMAINS",
+    "DEMO_FUNDUS_SOURCE_DOMAIN",
+    "FUNDUS_DOMAIN_STYLES",
+    "FUNDUS_GENERATOR_VERSION",
+    "MASK_BACKGROUND",
+    "MASK_CUP",
+    "MASK_RIM",
+    "acquire_fundus",
+    "default_fundus_counts",
+    "ensure_demo_fundus",
+    "generate_demo_fundus",
+    "sample_fundus_anatomy",
 ]
