@@ -8,6 +8,7 @@
   stylized training images every few epochs.
 * :class:`PerCaseDiceWriter` - evaluation: Dice per case (3-D volume or 2-D image) and
   per-site means, written as CSV and JSON.
+* :class:`DataWaitTimer` - training: how much of each epoch is spent waiting for data.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import csv
 import json
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +35,7 @@ __all__ = [
     "StyleFlowFitter",
     "StylizedImageSaver",
     "PerCaseDiceWriter",
+    "DataWaitTimer",
 ]
 
 logger = logging.getLogger("msf_monai.handlers")
@@ -340,3 +343,49 @@ class PerCaseDiceWriter:
             text = ", ".join(f"{name} {s[name]['mean']:.4f}" for name in self.channel_names)
             logger.info("Dice %s (n=%d): %s", site, s["n"], text)
         logger.info("wrote %s", self.output_dir / f"{self.prefix}_per_case.csv")
+
+
+class DataWaitTimer:
+    """Measures the time the engine waits for the data loader (ignite's ``GET_BATCH_STARTED``
+    to ``GET_BATCH_COMPLETED``) against the epoch's iterations (from the epoch's start to its
+    last iteration, so end-of-epoch validation does not count), and logs it every epoch, so a
+    data pipeline that stalls training shows up (target: under 10 %).
+
+    ``history`` holds one ``{"epoch", "data_wait_s", "epoch_s", "data_wait_fraction"}`` per epoch.
+    """
+
+    def __init__(self):
+        self.history: list[dict] = []
+        self._wait = 0.0
+        self._started = self._epoch_started = self._last_iteration = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_start)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._batch_start)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_done)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_done)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_done)
+
+    def _epoch_start(self, engine: Engine) -> None:
+        self._wait = 0.0
+        self._epoch_started = time.perf_counter()
+
+    def _batch_start(self, engine: Engine) -> None:
+        self._started = time.perf_counter()
+
+    def _batch_done(self, engine: Engine) -> None:
+        self._wait += time.perf_counter() - self._started
+
+    def _iteration_done(self, engine: Engine) -> None:
+        self._last_iteration = time.perf_counter()
+
+    def _epoch_done(self, engine: Engine) -> None:
+        total = max(self._last_iteration - self._epoch_started, 0.0)
+        record = {
+            "epoch": engine.state.epoch,
+            "data_wait_s": self._wait,
+            "epoch_s": total,
+            "data_wait_fraction": self._wait / total if total > 0 else 0.0,
+        }
+        self.history.append(record)
+        logger.info("epoch %d: %.2f s, of which %.2f s (%.1f %%) waiting for data", record["epoch"], total, self._wait, 100 * record["data_wait_fraction"])

@@ -171,3 +171,32 @@ def test_stylized_image_saver_grid(tmp_path):
     assert not np.array_equal(grid[:16], grid[16:])
     same = saver.grid({"image": image, "stylized": stylized})
     np.testing.assert_array_equal(grid, same)
+
+
+def test_data_wait_timer_measures_a_slow_loader():
+    import time as _time
+
+    from msf_monai.handlers import DataWaitTimer
+
+    class _SlowLoader:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for batch in self.loader:
+                _time.sleep(0.2)
+                yield batch
+
+        def __len__(self):
+            return len(self.loader)
+
+    torch.manual_seed(0)
+    net = DualDecoderNet()
+    trainer = _trainer(net, DualDecoderIteration(), _SlowLoader(_batches(n=2)))
+    timer = DataWaitTimer()
+    timer.attach(trainer)
+    trainer.run()
+    (record,) = timer.history
+    assert record["data_wait_s"] >= 0.4  # two batches, 0.2 s each
+    assert 0 < record["data_wait_fraction"] < 1
+    assert record["data_wait_s"] < record["epoch_s"]
