@@ -421,7 +421,8 @@ def sample_flow(
         return ~torch.isfinite(x).all(dim=1) | (x.abs() > max_abs).any(dim=1)
 
     was_training = flow.training
-    flow.eval()
+    if was_training:  # switching modes walks every submodule: skip it on the hot path
+        flow.eval()
     try:
         with torch.no_grad():
             x = draw(n, float(temperature))
@@ -440,7 +441,8 @@ def sample_flow(
                     f"|x| > {max_abs} after resampling at T={temperature} and T=1; the flow looks broken"
                 )
     finally:
-        flow.train(was_training)
+        if was_training:
+            flow.train()
     return x, n_replaced
 
 
@@ -689,8 +691,10 @@ class StyleFlowBank(nn.Module):
         """
         key = self._check_layer(layer)
         t = self.temperatures[key] if temperature is None else float(temperature)
-        if not self.is_fitted:
-            _LOGGER.warning("StyleFlowBank.sample: the flows have not been fitted; samples are meaningless")
+        if not getattr(self, "_known_fitted", False):  # walking the modules costs ~1 ms: once
+            self._known_fitted = self.is_fitted
+            if not self._known_fitted:
+                _LOGGER.warning("StyleFlowBank.sample: the flows have not been fitted; samples are meaningless")
         mean, n_mean = sample_flow(self.mean_flows[str(key)], n, t, generator=generator)
         spread, n_spread = sample_flow(self.spread_flows[str(key)], n, t, generator=generator)
         if self.statistic == "variance":
