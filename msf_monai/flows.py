@@ -42,6 +42,7 @@ __all__ = [
     "CouplingMLP",
     "FlowFitError",
     "StyleFlowBank",
+    "StylePool",
     "build_style_flow",
     "fit_flow",
     "sample_flow",
@@ -715,9 +716,17 @@ class StyleFlowBank(nn.Module):
             _LOGGER.debug("layer %d at T=%.2f: clamped %d sampled spread value(s) to >= %g", key, t, n_clamped, floor)
         return mean, std
 
-    def sampler(self, layer: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        """``sampler(layer)(n) -> (mean, std)``: a plain callable (not a module) for MixStyleFlow."""
-        return functools.partial(self.sample, self._check_layer(layer))
+    def sampler(self, layer: int, pool_size: int = 0) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """``sampler(layer)(n) -> (mean, std)``: a plain callable (not a module) for MixStyleFlow.
+
+        With ``pool_size > 0`` the styles are drawn from the flows ``pool_size`` at a time and
+        handed out in order (:class:`StylePool`): the same i.i.d. samples, but one flow pass
+        serves many training steps (a flow pass on one row costs about as much as on hundreds).
+        """
+        key = self._check_layer(layer)
+        if pool_size and int(pool_size) > 0:
+            return StylePool(self, key, int(pool_size))
+        return functools.partial(self.sample, key)
 
     def log_prob(self, layer: int, mean: torch.Tensor | np.ndarray, var: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Log-likelihood ``[N]`` of style statistics under the layer's two flows (sum of both).
@@ -802,3 +811,24 @@ class StyleFlowBank(nn.Module):
             bank.to(map_location)
         bank.eval()
         return bank
+
+
+class StylePool:
+    """Hands out styles of one layer of a :class:`StyleFlowBank` from a pool that is refilled
+    ``pool_size`` samples at a time (see :meth:`StyleFlowBank.sampler`). Callable as
+    ``pool(n) -> (mean [n, C], std [n, C])``; not an ``nn.Module``."""
+
+    def __init__(self, bank: StyleFlowBank, layer: int, pool_size: int = 256):
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        self.bank, self.layer, self.pool_size = bank, int(layer), int(pool_size)
+        self._mean = self._std = None
+        self._next = 0
+
+    def __call__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(n)
+        if self._mean is None or self._next + n > self._mean.shape[0]:
+            self._mean, self._std = self.bank.sample(self.layer, max(self.pool_size, n))
+            self._next = 0
+        start, self._next = self._next, self._next + n
+        return self._mean[start : self._next], self._std[start : self._next]

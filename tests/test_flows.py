@@ -321,3 +321,21 @@ def test_fit_flow_keeps_the_best_validation_epoch():
     with torch.no_grad():
         final = float(-flow.log_prob(val).mean())
     assert final == pytest.approx(best, rel=1e-5)
+
+
+def test_style_pool_hands_out_the_banks_samples_in_order():
+    torch.manual_seed(0)
+    channels = {2: 8}
+    bank = StyleFlowBank(channels, temperatures={2: 1.0})
+    g = torch.Generator().manual_seed(0)
+    bank.fit({2: {"mean": torch.randn(100, 8, generator=g), "var": torch.rand(100, 8, generator=g) + 0.1}}, epochs=2, log_every=0)
+    torch.manual_seed(5)
+    direct_mean, direct_std = bank.sample(2, 10)
+    torch.manual_seed(5)
+    pool = bank.sampler(2, pool_size=10)
+    parts = [pool(3), pool(3), pool(3)]
+    torch.testing.assert_close(torch.cat([m for m, _ in parts]), direct_mean[:9])
+    torch.testing.assert_close(torch.cat([s for _, s in parts]), direct_std[:9])
+    mean, std = pool(4)  # more than is left: a fresh pool
+    assert mean.shape == std.shape == (4, 8)
+    assert not isinstance(pool, torch.nn.Module)
