@@ -29,9 +29,7 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
-from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceCELoss
 

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.losses import DiceCELoss

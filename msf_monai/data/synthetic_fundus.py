@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from .demo_install import install_generated
 from .synthetic_prostate import DEMO_INFO_FILE, demo_info
 
 __all__ = [
@@ -589,36 +588,10 @@ def ensure_demo_fundus(root, seed: int = 0, **kwargs) -> Path:
     root = Path(root).expanduser().absolute()
     params = _params(seed, kwargs.get("images_per_domain"), kwargs.get("size", DEFAULT_SIZE),
                      kwargs.get("domains"))
-    if _is_current(root, params):
-        logger.debug("synthetic fundus demo in %s is up to date", root)
-        return root
-    if root.exists():
-        if not root.is_dir():
-            raise FileExistsError(f"{root} exists and is not a folder")
-        if any(root.iterdir()) and demo_info(root) is None:
-            raise FileExistsError(
-                f"{root} is not empty and holds no {DEMO_INFO_FILE}: refusing to overwrite it "
-                "with the synthetic fundus demo data (choose an empty or new folder)")
-        logger.info("synthetic fundus demo in %s is missing files or has other parameters; "
-                    "regenerating", root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        generate_demo_fundus(tmp, seed=seed, **kwargs)
-        old = None
-        if root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / "data")
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            # another process put a data set in place meanwhile: keep it if it is current
-            if not _is_current(root, params):
-                raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("synthetic fundus demo ready in %s", root)
-    return root
+    return install_generated(
+        root,
+        is_current=lambda path: _is_current(path, params),
+        is_ours=lambda path: demo_info(path) is not None,
+        generate=lambda path: generate_demo_fundus(path, seed=seed, **kwargs),
+        what="synthetic fundus demo",
+    )

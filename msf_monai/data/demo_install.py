@@ -1,0 +1,64 @@
+"""Installing a generated demo data set into its folder atomically (shared by the prostate and
+fundus demo generators)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["install_generated"]
+
+logger = logging.getLogger("msf_monai.data")
+
+
+def install_generated(
+    root: Path,
+    is_current: Callable[[Path], bool],
+    is_ours: Callable[[Path], bool],
+    generate: Callable[[Path], object],
+    what: str,
+) -> Path:
+    """Make sure ``root`` holds an up-to-date generated data set; return ``root``.
+
+    Nothing happens when ``is_current(root)``. Otherwise ``generate(tmp)`` writes into a
+    temporary sibling folder that is renamed into place, so an interrupted run never leaves a
+    half data set that looks complete. A non-empty ``root`` that ``is_ours`` does not recognise
+    (e.g. the user's own data) is never touched: ``FileExistsError`` is raised instead.
+    """
+    if is_current(root):
+        logger.debug("%s in %s is up to date", what, root)
+        return root
+    if root.exists():
+        if not root.is_dir():
+            raise FileExistsError(f"{root} exists and is not a folder")
+        if any(root.iterdir()) and not is_ours(root):
+            raise FileExistsError(
+                f"{root} is not empty and is not a {what}: refusing to overwrite it "
+                "(choose an empty or new folder)"
+            )
+        logger.info("%s in %s is missing files or has other parameters; regenerating", what, root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        generate(tmp)
+        old = None
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.replace(root, old / "data")
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            # another process put a data set in place meanwhile: keep it if it is current
+            if not is_current(root):
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("%s ready in %s", what, root)
+    return root
