@@ -66,19 +66,19 @@ class DualDecoderIteration:
         self.rec_weight, self.noise_std, self.seg_weight = float(rec_weight), float(noise_std), float(seg_weight)
         self.rec_loss = rec_loss if rec_loss is not None else nn.MSELoss()
 
-    def compute_losses(self, engine, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward pass(es) and loss terms; returns output entries, ``loss`` the total."""
+    def forward_backward(self, engine, inputs: torch.Tensor, targets: torch.Tensor, backward) -> dict[str, torch.Tensor]:
+        """Forward pass, loss terms and ``backward(loss)``; returns the output entries (``loss``
+        the total). Subclasses may call ``backward`` several times (gradients accumulate)."""
         net = engine.network
         seg, rec = net(add_image_noise(inputs, self.noise_std))
         engine.state.output[Keys.PRED] = seg
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         seg_loss = engine.loss_function(seg, targets).mean()
         rec_loss = self.rec_loss(rec, inputs)
-        return {
-            "seg_loss": seg_loss,
-            "rec_loss": rec_loss,
-            Keys.LOSS: self.seg_weight * seg_loss + self.rec_weight * rec_loss,
-        }
+        loss = self.seg_weight * seg_loss + self.rec_weight * rec_loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        backward(loss)
+        return {"seg_loss": seg_loss, "rec_loss": rec_loss, Keys.LOSS: loss}
 
     def __call__(self, engine, batchdata: dict) -> dict:
         if batchdata is None:
@@ -88,29 +88,24 @@ class DualDecoderIteration:
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        use_amp = engine.amp and engine.scaler is not None
 
-        def _losses() -> torch.Tensor:
-            terms = self.compute_losses(engine, inputs, targets)
-            engine.state.output.update(terms)
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            return terms[Keys.LOSS]
+        def backward(loss: torch.Tensor) -> None:
+            (engine.scaler.scale(loss) if use_amp else loss).backward()
 
-        if engine.amp and engine.scaler is not None:
+        if use_amp:
             with torch.autocast("cuda", **engine.amp_kwargs):
-                loss = _losses()
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+                terms = self.forward_backward(engine, inputs, targets, backward)
+        else:
+            terms = self.forward_backward(engine, inputs, targets, backward)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if use_amp:
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
-            loss = _losses()
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
-        # loss terms are logged as plain numbers; the graph is no longer needed
-        for key in ("seg_loss", "rec_loss", "seg_loss_stylized", "rec_loss_stylized", Keys.LOSS):
-            if key in engine.state.output:
-                engine.state.output[key] = engine.state.output[key].detach()
+        # loss terms are logged as plain numbers; the graphs are gone after backward
+        engine.state.output.update({k: v.detach() for k, v in terms.items()})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
@@ -134,7 +129,7 @@ class MixStyleFlowIteration(DualDecoderIteration):
         super().__init__(**kwargs)
         self.stylized_weight = float(stylized_weight)
 
-    def compute_losses(self, engine, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_backward(self, engine, inputs: torch.Tensor, targets: torch.Tensor, backward) -> dict[str, torch.Tensor]:
         net = engine.network
         if len(net.image_decoder_styles) == 0:
             raise RuntimeError("MixStyleFlowIteration needs style layers in network.image_decoder_styles")
@@ -142,17 +137,19 @@ class MixStyleFlowIteration(DualDecoderIteration):
         seg, rec = net.segment(z), net.reconstruct(z)
         with torch.no_grad():
             stylized = rescale_to_reference(net.reconstruct(z.detach(), stylize=True).float(), inputs).detach()
+        terms = {"seg_loss": engine.loss_function(seg, targets).mean(), "rec_loss": self.rec_loss(rec, inputs)}
+        clean = self.seg_weight * terms["seg_loss"] + self.rec_weight * terms["rec_loss"]
+        # back-propagate the clean terms before the stylized pass: the same summed gradient,
+        # but the two passes' activations are never held at the same time (half the peak memory)
+        backward(clean)
         seg_s, rec_s = net(stylized)
         engine.state.output[Keys.PRED] = seg
         engine.state.output["stylized"] = stylized
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        terms = {
-            "seg_loss": engine.loss_function(seg, targets).mean(),
-            "rec_loss": self.rec_loss(rec, inputs),
-            "seg_loss_stylized": engine.loss_function(seg_s, targets).mean(),
-            "rec_loss_stylized": self.rec_loss(rec_s, inputs),
-        }
-        clean = self.seg_weight * terms["seg_loss"] + self.rec_weight * terms["rec_loss"]
+        terms["seg_loss_stylized"] = engine.loss_function(seg_s, targets).mean()
+        terms["rec_loss_stylized"] = self.rec_loss(rec_s, inputs)
         styled = self.seg_weight * terms["seg_loss_stylized"] + self.rec_weight * terms["rec_loss_stylized"]
-        terms[Keys.LOSS] = clean + self.stylized_weight * styled
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        backward(self.stylized_weight * styled)
+        terms[Keys.LOSS] = clean.detach() + self.stylized_weight * styled.detach()
         return terms

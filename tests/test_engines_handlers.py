@@ -199,3 +199,40 @@ def test_data_wait_timer_measures_a_slow_loader():
     assert record["data_wait_s"] >= 0.4  # two batches, 0.2 s each
     assert 0 < record["data_wait_fraction"] < 1
     assert record["data_wait_s"] < record["epoch_s"]
+
+
+def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss():
+    """MixStyleFlowIteration back-propagates the clean terms before the stylized pass (to halve
+    peak memory); the accumulated gradient must equal that of one backward of the total loss."""
+    from types import SimpleNamespace
+
+    from msf_monai.engines import add_image_noise, rescale_to_reference
+
+    def make():
+        torch.manual_seed(0)
+        styles = {k: MixStyleFlow(_constant_style_sampler(c), p=1.0, lam=0.3) for k, c in {2: 32, 3: 16, 4: 16}.items()}
+        return DualDecoderNet(image_decoder_styles=styles).train()
+
+    batch = next(iter(_batches(n=1)))
+    x, y = batch["image"], batch["label"]
+    loss_fn = DiceCELoss(sigmoid=True)
+    mse = torch.nn.MSELoss()
+
+    net_a = make()
+    engine = SimpleNamespace(network=net_a, loss_function=loss_fn, state=SimpleNamespace(output={}), fire_event=lambda e: None)
+    torch.manual_seed(1)
+    terms = MixStyleFlowIteration(rec_weight=0.5).forward_backward(engine, x, y, lambda loss: loss.backward())
+
+    net_b = make()
+    torch.manual_seed(1)
+    z = net_b.encode(add_image_noise(x, 0.05))
+    seg, rec = net_b.segment(z), net_b.reconstruct(z)
+    with torch.no_grad():
+        stylized = rescale_to_reference(net_b.reconstruct(z.detach(), stylize=True), x)
+    seg_s, rec_s = net_b(stylized)
+    total = loss_fn(seg, y) + 0.5 * mse(rec, x) + loss_fn(seg_s, y) + 0.5 * mse(rec_s, x)
+    total.backward()
+
+    assert float(terms["loss"]) == pytest.approx(float(total), rel=1e-5)
+    for (name, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
