@@ -67,13 +67,20 @@ def render(task: str, phase: str) -> OrderedDict:
         if key in task_ids and key not in used:
             used.add(key)
             todo |= _references(task_ids[key])
+    # ids that an overlay (e.g. phase3.json) adds are written with the other settings, before
+    # the network and the workflow blocks, not after them
+    first = ConfigParser.load_config_file(str(TEMPLATES / PHASES[phase][0]))
+    added = [k for k in base if k not in first and k not in _LAST and k not in task_ids]
     out = OrderedDict()
     for key, value in base.items():
         if key == "bundle_root":
             out["bundle_name"] = spec["common"]["bundle_name"]
             out[key] = value
             out.update((k, v) for k, v in task_ids.items() if k in used and k != "bundle_name")
-        elif key not in _LAST and key not in task_ids:
+        elif key == "network_def":
+            out.update((k, base[k]) for k in added)
+            out[key] = value
+        elif key not in _LAST and key not in task_ids and key not in out:
             out[key] = value
     for key in _LAST:
         if key in base:
