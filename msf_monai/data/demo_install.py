@@ -3,6 +3,7 @@ fundus demo generators)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -10,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["install_generated"]
+__all__ = ["install_generated", "write_demo_info", "listed_files_exist"]
 
 logger = logging.getLogger("msf_monai.data")
 
@@ -62,3 +63,16 @@ def install_generated(
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("%s ready in %s", what, root)
     return root
+
+
+def write_demo_info(root: Path, info: dict, filename: str) -> None:
+    """Write the data set's description file last and atomically: its presence marks a
+    complete data set."""
+    part = Path(root) / (filename + ".part")
+    part.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    os.replace(part, Path(root) / filename)
+
+
+def listed_files_exist(root: Path, info: dict) -> bool:
+    """Whether every image and label listed in ``info["items"]`` (relative paths) exists."""
+    return all((root / it["image"]).is_file() and (root / it["label"]).is_file() for it in info.get("items", []))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .demo_install import install_generated
+from .demo_install import install_generated, listed_files_exist, write_demo_info
 from .synthetic_prostate import DEMO_INFO_FILE, demo_info
 
 __all__ = [
@@ -545,9 +544,7 @@ def generate_demo_fundus(root, seed: int = 0, images_per_domain=None, size: int 
                    str(MASK_CUP): "optic cup"},
         "items": rel_items,
     }
-    tmp_info = root / (DEMO_INFO_FILE + ".part")
-    tmp_info.write_text(json.dumps(info, indent=2), encoding="utf-8")
-    os.replace(tmp_info, info_path)  # written last: its presence marks a complete data set
+    write_demo_info(root, info, DEMO_INFO_FILE)
     logger.info("synthetic fundus demo: %d images in %.1f s", len(rel_items), seconds)
     return _summary(root, info, seconds)
 
@@ -568,8 +565,7 @@ def _is_current(root: Path, params: Mapping) -> bool:
     if (not info or info.get("generator") != _GENERATOR
             or info.get("version") != FUNDUS_GENERATOR_VERSION or info.get("params") != params):
         return False
-    return all((root / it["image"]).is_file() and (root / it["label"]).is_file()
-               for it in info.get("items", []))
+    return listed_files_exist(root, info)
 
 
 def ensure_demo_fundus(root, seed: int = 0, **kwargs) -> Path:

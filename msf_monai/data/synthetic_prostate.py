@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .demo_install import install_generated
+from .demo_install import install_generated, listed_files_exist, write_demo_info
 
 __all__ = [
     "DEMO_SOURCE_SITE",
@@ -560,9 +559,7 @@ def generate_demo_prostate(root, seed: int = 0, cases_per_site=None, shape=DEFAU
         "spacing_mm": [f / n for f, n in zip(params["fov_mm"], params["shape"])],
         "items": rel_items,
     }
-    tmp_info = root / (DEMO_INFO_FILE + ".part")
-    tmp_info.write_text(json.dumps(info, indent=2), encoding="utf-8")
-    os.replace(tmp_info, info_path)  # written last: its presence marks a complete data set
+    write_demo_info(root, info, DEMO_INFO_FILE)
     logger.info("synthetic prostate demo: %d volumes in %.1f s", len(rel_items), seconds)
     return _summary(root, info, seconds)
 
@@ -591,8 +588,7 @@ def _is_current(root: Path, params: Mapping) -> bool:
     info = demo_info(root)
     if not info or info.get("version") != GENERATOR_VERSION or info.get("params") != params:
         return False
-    return all((root / it["image"]).is_file() and (root / it["label"]).is_file()
-               for it in info.get("items", []))
+    return listed_files_exist(root, info)
 
 
 def ensure_demo_prostate(root, seed: int = 0, **kwargs) -> Path:
