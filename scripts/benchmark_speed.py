@@ -22,6 +22,7 @@ On CUDA, timings use CUDA events and AMP steps are added.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import resource
@@ -92,28 +93,30 @@ def _fitted_bank(net: DualDecoderNet, device: torch.device, seed: int = 0) -> St
     return bank
 
 
-def _trainer(net, iteration, device, amp=False, prepare_batch=None) -> SupervisedTrainer:
-    """A real MONAI trainer for ``net``; its steps are run one by one by :func:`_interleaved`."""
+def _trainer(net, iteration, device, amp=False, prepare_batch=None):
+    """One training step of a real MONAI trainer for ``net``: ``step(batch)``, run one by one
+    by :func:`_interleaved`."""
     kwargs = {"prepare_batch": prepare_batch} if prepare_batch is not None else {}
-    return SupervisedTrainer(
+    trainer = SupervisedTrainer(
         device=device, max_epochs=1, train_data_loader=[], network=net,
         optimizer=torch.optim.AdamW(net.parameters(), 1e-4), loss_function=DiceCELoss(sigmoid=True),
         iteration_update=iteration, amp=amp, decollate=False, **kwargs,
     )
+    return functools.partial(iteration, trainer)
 
 
-def _interleaved(trainers: dict, batches, clock: Clock, warmup: int, repeats: int, before_step=None) -> dict[str, list[float]]:
-    """Step times of every trainer, measured in rounds (one step of each trainer per round), so
+def _interleaved(steps: dict, batches, clock: Clock, warmup: int, repeats: int, before_step=None) -> dict[str, list[float]]:
+    """Step times of every configuration, measured in rounds (one step of each per round), so
     that drift of the machine's speed during the run affects every figure alike. The first
     ``warmup`` rounds are not timed."""
-    times: dict[str, list[float]] = {name: [] for name in trainers}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(warmup + repeats):
         batch = batches[r % len(batches)]
-        for name, trainer in trainers.items():
+        for name, step in steps.items():
             if before_step is not None:
                 before_step(name)
             clock.start()
-            trainer._process_function(trainer, batch)
+            step(batch)
             elapsed = clock.stop()
             if r >= warmup:
                 times[name].append(elapsed)
@@ -152,17 +155,17 @@ def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices
 
     torch.manual_seed(0)
     net = DualDecoderNet(channels, 1).to(device)
-    trainers = {"phase1": _trainer(net, DualDecoderIteration(), device)}
+    steps = {"phase1": _trainer(net, DualDecoderIteration(), device)}
     if amp:
-        trainers["phase1_amp"] = _trainer(DualDecoderNet(channels, 1).to(device), DualDecoderIteration(), device, amp=True)
+        steps["phase1_amp"] = _trainer(DualDecoderNet(channels, 1).to(device), DualDecoderIteration(), device, amp=True)
     bank = _fitted_bank(net, device)
     styles = mixstyleflow_layers(bank, p=1.0)
     net3 = DualDecoderNet(channels, 1, image_decoder_styles=styles).to(device)
-    trainers["phase3_mixstyleflow"] = _trainer(net3, MixStyleFlowIteration(), device)
+    steps["phase3_mixstyleflow"] = _trainer(net3, MixStyleFlowIteration(), device)
     if amp:
         styles_amp = mixstyleflow_layers(bank, p=1.0)
         net3_amp = DualDecoderNet(channels, 1, image_decoder_styles=styles_amp).to(device)
-        trainers["phase3_mixstyleflow_amp"] = _trainer(net3_amp, MixStyleFlowIteration(), device, amp=True)
+        steps["phase3_mixstyleflow_amp"] = _trainer(net3_amp, MixStyleFlowIteration(), device, amp=True)
     for method in methods:
         layer_cls = STYLE_LAYERS[method]
         if method == "randconv":
@@ -171,15 +174,15 @@ def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices
             def prepare(batchdata, dev=None, non_blocking=False, **kw):
                 return randconv(batchdata["image"].to(dev)), batchdata["label"].to(dev)
 
-            trainers[f"step_{method}"] = _trainer(DualDecoderNet(channels, 1).to(device), DualDecoderIteration(), device, prepare_batch=prepare)
+            steps[f"step_{method}"] = _trainer(DualDecoderNet(channels, 1).to(device), DualDecoderIteration(), device, prepare_batch=prepare)
         else:
             netm = DualDecoderNet(channels, 1, encoder_styles={s: layer_cls(p=1.0) for s in ENCODER_STAGES}).to(device)
-            trainers[f"step_{method}"] = _trainer(netm, DualDecoderIteration(), device)
+            steps[f"step_{method}"] = _trainer(netm, DualDecoderIteration(), device)
 
     # time spent inside the MixStyleFlow layers (flow sampling + mixing), per Phase III step
     inside, remove = _time_layers(styles, device)
     marks: list[int] = []
-    all_times = _interleaved(trainers, batches, clock, warmup, repeats,
+    all_times = _interleaved(steps, batches, clock, warmup, repeats,
                              before_step=lambda name: marks.append(len(inside)) if name == "phase3_mixstyleflow" else None)
     remove()
     per_step = [sum(inside[a : a + len(styles)]) for a in marks][warmup:]
