@@ -86,7 +86,13 @@ class DualDecoderNet(nn.Module):
 
     ``forward(x)`` returns ``(segmentation logits, reconstruction in [0, 1])``.
     The input's height and width must be divisible by 16.
+
+    The network compiles with ``torch.jit.script`` (``SegmentationOnlyNet`` is what
+    ``monai.bundle ckpt_export`` scripts): style layers are looked up by iterating the
+    ``ModuleDict`` (TorchScript cannot index one with a computed key).
     """
+
+    __jit_unused_properties__ = ["image_decoder_channels"]
 
     def __init__(
         self,
@@ -150,17 +156,17 @@ class DualDecoderNet(nn.Module):
 
     def _check_size(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        if x.shape[-1] % 16 or x.shape[-2] % 16:
-            raise ValueError(f"input height and width must be divisible by 16, got {tuple(x.shape[-2:])}")
+            raise ValueError(f"expected input [B, {self.in_channels}, H, W], got {list(x.shape)}")
+        if x.shape[-1] % 16 != 0 or x.shape[-2] % 16 != 0:
+            raise ValueError(f"input height and width must be divisible by 16, got {list(x.shape[-2:])}")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image -> latent code ``z_i`` (H/16), applying any encoder style layers."""
         self._check_size(x)
         h = self.stem(x)
-        h = self._style(self.encoder_styles, 0, h)
+        h = self._encoder_style(0, h)
         for i, block in enumerate(self.down_blocks, start=1):
-            h = self._style(self.encoder_styles, i, block(h))
+            h = self._encoder_style(i, block(h))
         return self.bottleneck(h)
 
     def segment(self, z: torch.Tensor) -> torch.Tensor:
@@ -185,7 +191,7 @@ class DualDecoderNet(nn.Module):
         for k, block in enumerate(self.image_decoder, start=1):
             h = block(h)
             if stylize:
-                h = self._style(self.image_decoder_styles, k, h)
+                h = self._image_decoder_style(k, h)
             if return_features:
                 feats[k] = h
         img = self.image_head(h)
@@ -195,11 +201,21 @@ class DualDecoderNet(nn.Module):
         z = self.encode(x)
         return self.segment(z), self.reconstruct(z)
 
-    @staticmethod
-    def _style(styles: nn.ModuleDict, index: int, h: torch.Tensor) -> torch.Tensor:
+    def _encoder_style(self, index: int, h: torch.Tensor) -> torch.Tensor:
         key = str(index)
-        return styles[key](h) if key in styles else h
+        # a loop over the ModuleDict of this module, not styles[key]: TorchScript indexes a
+        # ModuleDict only with literals, and cannot take one as a function argument
+        for name, layer in self.encoder_styles.items():
+            if name == key:
+                h = layer(h)
+        return h
 
+    def _image_decoder_style(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        key = str(index)
+        for name, layer in self.image_decoder_styles.items():
+            if name == key:
+                h = layer(h)
+        return h
 
 class SegmentationOnlyNet(DualDecoderNet):
     """The same network (same state-dict keys) returning only the segmentation logits.

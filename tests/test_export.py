@@ -1,0 +1,69 @@
+"""Model-zoo export: ``monai.bundle ckpt_export`` (TorchScript) and ``verify_net_in_out`` on the
+segmentation-only network of both bundles, and metadata that matches the network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bundle_utils import REPO
+from msf_monai.networks import SegmentationOnlyNet
+
+BUNDLES = {"prostate": (1, 1), "fundus": (3, 2)}
+
+
+def _monai_bundle(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_metadata_describes_the_segmentation_network(bundle):
+    in_ch, out_ch = BUNDLES[bundle]
+    meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    fmt = meta["network_data_format"]
+    assert fmt["inputs"]["image"]["num_channels"] == in_ch
+    assert fmt["outputs"]["pred"]["num_channels"] == out_ch
+    assert len(fmt["outputs"]["pred"]["channel_def"]) == out_ch
+    inference = json.loads((REPO / "bundles" / bundle / "configs" / "inference.json").read_text())
+    assert (inference["in_channels"], inference["out_channels"]) == (in_ch, out_ch)
+
+
+def test_torchscript_is_scriptable_and_keeps_state_dict_keys():
+    net = SegmentationOnlyNet(3, 2).eval()
+    scripted = torch.jit.script(net)
+    assert set(scripted.state_dict()) == set(net.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(scripted(x), net(x))
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_ckpt_export_matches_the_eager_network(bundle, tmp_path):
+    in_ch, out_ch = BUNDLES[bundle]
+    torch.manual_seed(1)
+    net = SegmentationOnlyNet(in_ch, out_ch)
+    # perturb the BatchNorm statistics so that eval mode is not the identity
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    net.eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)  # a plain state dict, as the trainers save
+    configs = REPO / "bundles" / bundle / "configs"
+    ts = tmp_path / "model.ts"
+    _monai_bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt),
+                  "--meta_file", str(configs / "metadata.json"), "--config_file", str(configs / "inference.json"))
+    exported = torch.jit.load(str(ts), map_location="cpu").eval()
+    x = torch.rand(2, in_ch, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x), rtol=1e-5, atol=1e-5)
+    out = _monai_bundle("verify_net_in_out", "network_def", "--meta_file", str(configs / "metadata.json"),
+                        "--config_file", str(configs / "inference.json"))
+    assert "verified with no error" in out
