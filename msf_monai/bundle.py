@@ -9,7 +9,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["evaluation_list", "find_bundle_root", "phase_command", "require_file", "select_sites", "MissingPhaseOutputError"]
+__all__ = [
+    "evaluation_list",
+    "find_bundle_root",
+    "phase_command",
+    "require_file",
+    "select_sites",
+    "ConfigValueError",
+    "MissingPhaseOutputError",
+]
 
 
 class MissingPhaseOutputError(SystemExit):
@@ -17,6 +25,54 @@ class MissingPhaseOutputError(SystemExit):
 
     A ``SystemExit`` on purpose: MONAI's config evaluation wraps ordinary exceptions in a long
     traceback, while this one reaches the user as its message alone, with exit status 1."""
+
+
+class ConfigValueError(SystemExit):
+    """A config value that cannot work (e.g. an unknown ``style_method``), found before any work.
+
+    A ``SystemExit`` for the same reason as :class:`MissingPhaseOutputError`: the user sees the
+    message, not a traceback from inside MONAI's config parser; exit status 1."""
+
+
+class ConfigError(SystemExit):
+    """A setting is invalid; raised before any work, reaches the user as its message (exit 1)."""
+
+
+def check_settings(image_size=None, style_layers=None, temperatures=None) -> bool:
+    """Check settings that would otherwise fail deep inside a run; one :class:`ConfigError`
+    naming every bad one. ``image_size`` must be a positive multiple of 16 (the networks
+    downsample by 16); ``temperatures`` needs one value per entry of ``style_layers``."""
+    problems = []
+    if image_size is not None:
+        try:
+            size = int(image_size)
+            ok = size == float(image_size) and size >= SIZE_DIVISOR and size % SIZE_DIVISOR == 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            problems.append(f"--image_size {image_size!r}: must be a positive multiple of {SIZE_DIVISOR} "
+                            f"(the networks halve the image 4 times), e.g. 32, 96, 384")
+    if style_layers is not None:
+        layers = list(style_layers) if isinstance(style_layers, (list, tuple)) else [style_layers]
+        bad = [k for k in layers if not (isinstance(k, int) and 1 <= k <= 4)]
+        if bad or not layers or len(set(layers)) != len(layers):
+            problems.append(f"--style_layers {style_layers!r}: must be distinct image-decoder layers from 1 to 4, e.g. [2, 3, 4]")
+        if temperatures is not None:
+            temps = list(temperatures) if isinstance(temperatures, (list, tuple)) else [temperatures]
+            if len(temps) != len(layers):
+                problems.append(f"--temperatures {temperatures!r} has {len(temps)} value(s) but --style_layers "
+                                f"{style_layers!r} has {len(layers)}: give one temperature per style layer")
+            else:
+                for t in temps:
+                    try:
+                        if not float(t) > 0:
+                            raise ValueError
+                    except (TypeError, ValueError):
+                        problems.append(f"--temperatures {temperatures!r}: every temperature must be a positive number")
+                        break
+    if problems:
+        raise ConfigError("invalid settings, nothing was run:\n  " + "\n  ".join(problems))
+    return True
 
 
 def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
@@ -66,16 +122,17 @@ def require_file(path: str | os.PathLike, how_to_create: str) -> str:
 
 def select_sites(datalist: Sequence[dict], sites: str | Sequence[str] | None, role: str = "source") -> list[dict]:
     """Items of the data list whose ``site`` is one of ``sites``; a clear error listing the
-    available sites when none match. ``None`` takes the only site of a one-site dataset."""
+    available sites when none match (:class:`ConfigError`). ``None`` takes the only site of a
+    one-site dataset."""
     available = sorted({d["site"] for d in datalist})
     if sites is None:
         if len(available) != 1:
-            raise ValueError(f"the dataset has several sites {available}: choose the {role} site, e.g. --{role}_site {available[0]}")
+            raise ConfigError(f"the dataset has several sites {available}: choose the {role} site, e.g. --{role}_site {available[0]}")
         return list(datalist)
     wanted = [sites] if isinstance(sites, str) else list(sites)
     unknown = [s for s in wanted if s not in available]
     if unknown:
-        raise ValueError(f"{role} site(s) {unknown} not in the dataset; available sites: {available}")
+        raise ConfigError(f"{role} site(s) {unknown} not in the dataset; available sites: {available}")
     return [d for d in datalist if d["site"] in wanted]
 
 

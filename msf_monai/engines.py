@@ -1,13 +1,15 @@
 """Training-step logic for MONAI's ``SupervisedTrainer`` (its ``iteration_update`` argument).
 
-* :class:`DualDecoderIteration` - Phase I (and the baselines): segmentation loss on the
-  network's logits plus an L2 reconstruction of the clean image from a noised input
-  (denoising image decoder).
-* :class:`MixStyleFlowIteration` - Phase III: additionally builds a stylized image with the
-  image decoder's MixStyleFlow layers (no gradient), rescales it to the input's intensity range
-  and passes it through the whole network again; four loss terms, one optimizer step.
+* :class:`DualDecoderIteration` - Phase I and the feature-level baselines: segmentation loss on
+  the network's logits plus an L2 reconstruction of the clean image from a noised input
+  (denoising image decoder); optionally an image-level augmentation (RandConv) of the input.
+* :class:`StylizedBatchIteration` - the shared step of the image-decoder methods: a stylized
+  copy of the batch is made by the image decoder's style layers and passed through the whole
+  network again; four loss terms, one optimizer step. Two ways to stylize:
+  :class:`MixStyleFlowIteration` (Phase III: styles sampled from the fitted flows, no gradient)
+  and :class:`MaxStyleIteration` (MaxStyle: style parameters optimised adversarially).
 
-Both follow ``SupervisedTrainer._iteration``: they honour ``engine.amp``, fill
+They follow ``SupervisedTrainer._iteration``: they honour ``engine.amp``, fill
 ``engine.state.output`` (``image``, ``label``, ``pred``, ``loss`` and one entry per loss term)
 and fire the iteration events, ``MODEL_COMPLETED`` included, so MONAI's decollation,
 post-processing and metrics run.
@@ -15,14 +17,23 @@ post-processing and metrics run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-__all__ = ["add_image_noise", "rescale_to_reference", "DualDecoderIteration", "MixStyleFlowIteration"]
+__all__ = [
+    "add_image_noise",
+    "rescale_to_reference",
+    "frozen_batchnorm_statistics",
+    "DualDecoderIteration",
+    "StylizedBatchIteration",
+    "MixStyleFlowIteration",
+    "MaxStyleIteration",
+]
 
 
 def add_image_noise(x: torch.Tensor, std: float) -> torch.Tensor:
@@ -41,6 +52,24 @@ def rescale_to_reference(x: torch.Tensor, reference: torch.Tensor, eps: float = 
     return (x - x_min) / (x_max - x_min).clamp_min(eps) * (r_max - r_min) + r_min
 
 
+@contextlib.contextmanager
+def frozen_batchnorm_statistics(net: nn.Module) -> Iterator[None]:
+    """Within the block, batch-norm layers still normalise with batch statistics (training mode)
+    but leave their running statistics unchanged: for extra forward passes that must not count
+    as training data (MaxStyle's adversarial steps)."""
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        for m, _, _ in saved:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
 class DualDecoderIteration:
     """One training step of the dual-decoder network.
 
@@ -54,6 +83,10 @@ class DualDecoderIteration:
         noise_std: std of the Gaussian noise added to the input (reference code: 0.05).
         seg_weight: weight of the segmentation loss.
         rec_loss: reconstruction loss, default ``nn.MSELoss()``.
+        input_style: optional image-level augmentation applied to the input before the noise
+            (e.g. :class:`msf_monai.styles.RandConv`; acts only in training mode). The
+            reconstruction target stays the clean image. The augmented batch is kept in
+            ``engine.state.output["stylized"]`` for image logging.
     """
 
     def __init__(
@@ -62,15 +95,22 @@ class DualDecoderIteration:
         noise_std: float = 0.05,
         seg_weight: float = 1.0,
         rec_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        input_style: nn.Module | None = None,
     ):
         self.rec_weight, self.noise_std, self.seg_weight = float(rec_weight), float(noise_std), float(seg_weight)
         self.rec_loss = rec_loss if rec_loss is not None else nn.MSELoss()
+        self.input_style = input_style
 
     def forward_backward(self, engine, inputs: torch.Tensor, targets: torch.Tensor, backward) -> dict[str, torch.Tensor]:
         """Forward pass, loss terms and ``backward(loss)``; returns the output entries (``loss``
         the total). Subclasses may call ``backward`` several times (gradients accumulate)."""
         net = engine.network
-        seg, rec = net(add_image_noise(inputs, self.noise_std))
+        x = inputs
+        if self.input_style is not None:
+            self.input_style.train()
+            x = self.input_style(inputs)
+            engine.state.output["stylized"] = x.detach()
+        seg, rec = net(add_image_noise(x, self.noise_std))
         engine.state.output[Keys.PRED] = seg
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         seg_loss = engine.loss_function(seg, targets).mean()
@@ -110,38 +150,40 @@ class DualDecoderIteration:
         return engine.state.output
 
 
-class MixStyleFlowIteration(DualDecoderIteration):
-    """Phase III step (MixStyleFlow, DESIGN section 1).
+class StylizedBatchIteration(DualDecoderIteration):
+    """One step with a stylized copy of the batch (MixStyleFlow's Phase III, MaxStyle).
 
     1. As Phase I on the (noised) clean batch: ``seg(clean) + rec(clean)``.
-    2. With no gradient, the image decoder is run again on the detached latent code with its
-       style layers active (``network.image_decoder_styles``, normally MixStyleFlow after layers
-       2, 3, 4); the result is rescaled to each input image's intensity range: the stylized image.
-    3. The stylized image goes through the whole network: ``seg(stylized)`` against the same
+    2. :meth:`stylize` makes the stylized batch from the detached latent code with the image
+       decoder's style layers; it is rescaled to each input image's intensity range and detached.
+    3. The stylized batch goes through the whole network: ``seg(stylized)`` against the same
        label and ``rec(stylized -> clean image)``.
 
     ``loss = seg(clean) + rec(clean) + stylized_weight * (seg(stylized) + rec(stylized))``
-    (the paper uses weight 1 for all four terms). ``engine.state.output["stylized"]`` holds the
-    stylized batch for image logging.
+    (the papers use weight 1 for all four terms). ``engine.state.output["stylized"]`` holds the
+    stylized batch for image logging. Subclasses implement :meth:`stylize`.
     """
 
     def __init__(self, stylized_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.stylized_weight = float(stylized_weight)
 
+    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The stylized batch (same shape and intensity range as ``inputs``, no gradient)."""
+        raise NotImplementedError
+
     def forward_backward(self, engine, inputs: torch.Tensor, targets: torch.Tensor, backward) -> dict[str, torch.Tensor]:
         net = engine.network
         if len(net.image_decoder_styles) == 0:
-            raise RuntimeError("MixStyleFlowIteration needs style layers in network.image_decoder_styles")
+            raise RuntimeError(f"{type(self).__name__} needs style layers in network.image_decoder_styles")
         z = net.encode(add_image_noise(inputs, self.noise_std))
         seg, rec = net.segment(z), net.reconstruct(z)
-        with torch.no_grad():
-            stylized = rescale_to_reference(net.reconstruct(z.detach(), stylize=True).float(), inputs).detach()
         terms = {"seg_loss": engine.loss_function(seg, targets).mean(), "rec_loss": self.rec_loss(rec, inputs)}
         clean = self.seg_weight * terms["seg_loss"] + self.rec_weight * terms["rec_loss"]
         # back-propagate the clean terms before the stylized pass: the same summed gradient,
         # but the two passes' activations are never held at the same time (half the peak memory)
         backward(clean)
+        stylized = self.stylize(engine, z.detach(), inputs, targets).detach()
         seg_s, rec_s = net(stylized)
         engine.state.output[Keys.PRED] = seg
         engine.state.output["stylized"] = stylized
@@ -153,3 +195,56 @@ class MixStyleFlowIteration(DualDecoderIteration):
         backward(self.stylized_weight * styled)
         terms[Keys.LOSS] = clean.detach() + self.stylized_weight * styled.detach()
         return terms
+
+
+class MixStyleFlowIteration(StylizedBatchIteration):
+    """Phase III step (MixStyleFlow, DESIGN section 1): the stylized image is the image decoder's
+    output on the detached latent code with its MixStyleFlow layers active (styles sampled from
+    the fitted flows, normally after layers 2, 3, 4), computed without gradient."""
+
+    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return rescale_to_reference(engine.network.reconstruct(z, stylize=True).float(), inputs)
+
+
+class MaxStyleIteration(StylizedBatchIteration):
+    """MaxStyle step (Chen et al., MICCAI 2022): the image decoder's :class:`msf_monai.styles.MaxStyle`
+    layers draw a random style (MixStyle + noise), then ``steps`` Adam steps (``lr``) change the
+    style parameters to *maximise* the segmentation loss of the re-encoded stylized image, with
+    the network frozen (gradients go to the style parameters only, batch-norm running statistics
+    are left unchanged). The final, hardest style makes the stylized batch. Paper: 5 steps, lr 0.1.
+    """
+
+    def __init__(self, steps: int = 5, lr: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        if int(steps) < 0 or float(lr) <= 0:
+            raise ValueError(f"MaxStyle needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+        self.steps, self.lr = int(steps), float(lr)
+
+    def _generate(self, net, z: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return rescale_to_reference(net.reconstruct(z, stylize=True).float(), inputs)
+
+    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        net = engine.network
+        layers = [m for m in net.image_decoder_styles.values() if hasattr(m, "style_parameters")]
+        for layer in layers:
+            layer.reset()
+        try:
+            with frozen_batchnorm_statistics(net):
+                stylized = self._generate(net, z, inputs)
+                params = [t for layer in layers for t in layer.style_parameters()]
+                if not params or self.steps == 0:  # no layer active for this batch: nothing to search
+                    return stylized.detach()
+                optimizer = torch.optim.Adam(params, lr=self.lr, maximize=True)
+                for step in range(self.steps):
+                    loss = engine.loss_function(net.segment(net.encode(stylized)), targets).mean()
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    for t, g in zip(params, grads):
+                        t.grad = torch.zeros_like(t) if g is None else g
+                    optimizer.step()
+                    with torch.set_grad_enabled(step < self.steps - 1):
+                        stylized = self._generate(net, z, inputs)
+            return stylized.detach()
+        finally:
+            for layer in layers:
+                layer.reset()

@@ -27,6 +27,7 @@ from torch import nn
 __all__ = [
     "DSU",
     "EFDMix",
+    "MaxStyle",
     "MixStyle",
     "MixStyleFlow",
     "RandConv",
@@ -111,6 +112,11 @@ def _random_perm(n: int, device: torch.device | str | None = None) -> torch.Tens
 def _bcast(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """``[B]`` -> ``[B, 1, ..., 1]`` with ``ndim`` dimensions in total."""
     return t.reshape(-1, *([1] * (ndim - 1)))
+
+
+def _bcast_channels(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``[B, C]`` -> ``[B, C, 1, ..., 1]`` with ``ndim`` dimensions in total."""
+    return t.reshape(*t.shape[:2], *([1] * (ndim - 2)))
 
 
 def _check_prob(p: float) -> float:
@@ -455,6 +461,84 @@ class RandConv(StyleLayer):
         return f"p={self.p}, kernel_sizes={self.kernel_sizes}, mix={self.mix}"
 
 
+class MaxStyle(StyleLayer):
+    """MaxStyle: MixStyle plus noise on the statistics, with learnable (adversarial) style parameters.
+
+    Formula (Chen et al., "MaxStyle: adversarial style composition for robust medical image
+    segmentation", MICCAI 2022): with detached ``mu, sigma`` and a fixed batch permutation
+    ``perm`` (never the identity for ``B > 1``),
+    ``sigma_mix = (1-lam)*sigma + lam*sigma[perm]``, ``mu_mix = (1-lam)*mu + lam*mu[perm]``,
+    ``out = (sigma_mix + g*Std_batch(sigma)) * (f - mu)/sigma + mu_mix + b*Std_batch(mu)``, with
+    ``lam ~ U(0, 1)`` per image (clamped to [0, 1] when used), noise ``g, b ~ N(0, 1)`` per image
+    and channel, and ``Std_batch`` the unbiased batch std of the first call's statistics.
+
+    Unlike the other layers its random draw is *kept* until :meth:`reset`: the style parameters
+    (``lam``, ``g``, ``b``; :meth:`style_parameters`) are leaf tensors with ``requires_grad`` that
+    an adversary can optimise over several forward passes (see
+    :class:`msf_monai.engines.MaxStyleIteration`: 5 Adam steps, lr 0.1, maximising the
+    segmentation loss). They are plain attributes, not parameters: they never enter
+    ``state_dict`` or the network's optimizer. Whether the layer acts (probability ``p``) is also
+    drawn once per :meth:`reset`. Defaults (paper code): ``p=0.5``, ``eps=1e-6``.
+    """
+
+    def __init__(self, p: float = 0.5, eps: float = 1e-6):
+        super().__init__(p=p, eps=eps)
+        self._style: dict[str, torch.Tensor] | None = None
+        self._active: bool | None = None
+
+    def reset(self) -> None:
+        """Forget the current style draw; the next training forward draws a new one."""
+        self._style, self._active = None, None
+
+    def style_parameters(self) -> list[torch.Tensor]:
+        """The current learnable style tensors (``lam``, ``gamma_noise``, ``beta_noise``); empty
+        when the layer is inactive for this draw or has not run since :meth:`reset`."""
+        if not self._active or self._style is None:
+            return []
+        return [self._style[k] for k in ("lam", "gamma_noise", "beta_noise")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self._active is None:
+            self._active = bool(torch.rand(()).item() < self.p)
+        if not self._active:
+            return x
+        return self.stylize(x)
+
+    def _draw(self, x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, c = x.shape[:2]
+        perm = _random_perm(b)
+        while b > 1 and torch.equal(perm, torch.arange(b)):
+            perm = _random_perm(b)
+        correction = 1 if b > 1 else 0
+        style = {
+            "perm": perm.to(x.device),
+            "sigma_scale": sigma.std(dim=0, keepdim=True, correction=correction),
+            "mu_scale": mu.std(dim=0, keepdim=True, correction=correction),
+            "lam": torch.rand(b, device=x.device, dtype=mu.dtype),
+            "gamma_noise": torch.randn(b, c, device=x.device, dtype=mu.dtype),
+            "beta_noise": torch.randn(b, c, device=x.device, dtype=mu.dtype),
+        }
+        for key in ("lam", "gamma_noise", "beta_noise"):
+            style[key].requires_grad_(True)
+        return style
+
+    def stylize(self, x: torch.Tensor) -> torch.Tensor:
+        mu, sigma = channel_stats(x.detach(), self.eps)
+        if self._style is None or self._style["gamma_noise"].shape != mu.shape[:2]:
+            self._style = self._draw(x, mu, sigma)
+        st = self._style
+        lam = _bcast(st["lam"].clamp(0.0, 1.0), x.dim())
+        perm = st["perm"]
+        sigma_mix = (1.0 - lam) * sigma + lam * sigma[perm] + _bcast_channels(st["gamma_noise"], x.dim()) * st["sigma_scale"]
+        mu_mix = (1.0 - lam) * mu + lam * mu[perm] + _bcast_channels(st["beta_noise"], x.dim()) * st["mu_scale"]
+        return _restyle(x, mu, sigma, mu_mix, sigma_mix)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, eps={self.eps}"
+
+
 # ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
@@ -462,6 +546,7 @@ class RandConv(StyleLayer):
 STYLE_LAYERS: dict[str, type[StyleLayer]] = {
     "mixstyleflow": MixStyleFlow,
     "mixstyle": MixStyle,
+    "maxstyle": MaxStyle,
     "dsu": DSU,
     "trid": TriD,
     "efdm": EFDMix,

@@ -10,6 +10,7 @@ from msf_monai import styles
 from msf_monai.styles import (
     DSU,
     STYLE_LAYERS,
+    MaxStyle,
     EFDMix,
     MixStyle,
     MixStyleFlow,
@@ -20,7 +21,7 @@ from msf_monai.styles import (
     mix_feature_style,
 )
 
-BASELINES = ["mixstyle", "dsu", "trid", "efdm", "randconv"]
+BASELINES = ["mixstyle", "dsu", "trid", "efdm", "randconv", "maxstyle"]
 
 
 def styled_batch(b: int = 6, c: int = 4, h: int = 16, w: int = 16, seed: int = 0, dtype=torch.float32):
@@ -446,13 +447,49 @@ def test_randconv_validation():
         RandConv(kernel_sizes=())
 
 
+def test_maxstyle_matches_reference_formula():
+    """With its draw fixed, MaxStyle's output equals the formula written out by hand."""
+    torch.manual_seed(0)
+    x = styled_batch(b=4)
+    layer = MaxStyle(p=1.0).train()
+    out = layer(x)
+    st = layer._style
+    mu = x.mean(dim=(2, 3), keepdim=True)
+    sig = (x.var(dim=(2, 3), keepdim=True, unbiased=False) + layer.eps).sqrt()
+    lam = st["lam"].detach().clamp(0, 1).view(-1, 1, 1, 1)
+    perm = st["perm"]
+    assert not torch.equal(perm, torch.arange(4)), "the permutation must not be the identity"
+    g = st["gamma_noise"].detach()[..., None, None]
+    b = st["beta_noise"].detach()[..., None, None]
+    sig_mix = (1 - lam) * sig + lam * sig[perm] + g * sig.std(dim=0, keepdim=True)
+    mu_mix = (1 - lam) * mu + lam * mu[perm] + b * mu.std(dim=0, keepdim=True)
+    torch.testing.assert_close(out, sig_mix * (x - mu) / sig + mu_mix, rtol=1e-4, atol=1e-4)
+
+
+def test_maxstyle_keeps_its_draw_until_reset_and_is_differentiable():
+    torch.manual_seed(0)
+    x = styled_batch(b=4)
+    layer = MaxStyle(p=1.0).train()
+    first = layer(x)
+    torch.testing.assert_close(layer(x), first)  # same draw: an adversary can optimise it
+    params = layer.style_parameters()
+    assert len(params) == 3 and all(t.requires_grad for t in params)
+    grads = torch.autograd.grad(first.square().mean(), params)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    layer.reset()
+    assert layer.style_parameters() == []
+    assert not torch.allclose(layer(x), first)  # a new draw
+    assert len(layer.state_dict()) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # registry
 # ---------------------------------------------------------------------------------------------
 
 
 def test_registry_names_and_build():
-    assert set(STYLE_LAYERS) == {"mixstyleflow", "mixstyle", "dsu", "trid", "efdm", "randconv"}
+    assert set(STYLE_LAYERS) == {"mixstyleflow", "mixstyle", "dsu", "trid", "efdm", "randconv", "maxstyle"}
+    assert isinstance(build_style_layer("MaxStyle"), MaxStyle)
     assert isinstance(build_style_layer("MixStyle", p=0.3), MixStyle)
     assert build_style_layer("mixstyle", p=0.3).p == 0.3
     assert isinstance(build_style_layer("DSU"), DSU)

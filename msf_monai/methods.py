@@ -1,0 +1,138 @@
+"""The domain-generalisation methods a bundle can train with, selected by one config id.
+
+``style_method`` in ``phase3.json`` names one of :data:`METHODS`; everything else (where the
+style layers go, which training step runs, whether fitted flows are needed, where the
+checkpoint is written) follows from it, so every method trains from the same bundle, data,
+network, losses and budget:
+
+    python -m monai.bundle run --config_file bundles/prostate/configs/phase3.json --style_method dsu
+
+Placement follows each method's paper, mapped onto the MaxStyle network (encoder stages 0..4:
+stem then four down blocks; image-decoder layers 1..4, see :mod:`msf_monai.networks`):
+
+* ``none``: no style augmentation (the Phase I recipe: segmentation + reconstruction).
+* ``mixstyle``, ``efdm``: after encoder stages 1, 2, 3 (MixStyle: after the first three
+  residual stages; EFDMix uses MixStyle's positions).
+* ``dsu``: after every encoder stage 0..4 (DSU: after the stem and each residual stage).
+* ``trid``: after encoder stages 1, 2 (TriD randomises shallow features only).
+* ``randconv``: on the input image (image-level augmentation), reconstruction target clean.
+* ``maxstyle``: image-decoder layers 2, 3, 4 (MaxStyle: the last three decoder blocks), style
+  parameters optimised adversarially, stylized batch trained like MixStyleFlow's.
+* ``mixstyleflow``: image-decoder layers of the fitted flow bank (2, 3, 4), Phase III.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .bundle import ConfigValueError, phase_command, require_file
+from .engines import DualDecoderIteration, MaxStyleIteration, MixStyleFlowIteration
+from .styles import build_style_layer, mixstyleflow_layers
+
+__all__ = ["DGMethod", "METHODS", "get_method"]
+
+
+@dataclass(frozen=True)
+class DGMethod:
+    """One domain-generalisation method: what it inserts where, and which training step it uses.
+
+    Attributes:
+        name: the ``style_method`` value.
+        title: name used in tables and docs.
+        where: ``"none"``, ``"encoder"``, ``"input"`` or ``"image_decoder"``.
+        layers: encoder stages or image-decoder layers that get a style layer.
+        layer: name in :data:`msf_monai.styles.STYLE_LAYERS` (``""`` for ``none``).
+        reference: the paper.
+    """
+
+    name: str
+    title: str
+    where: str
+    layers: tuple[int, ...] = ()
+    layer: str = ""
+    reference: str = ""
+
+    @property
+    def needs_flows(self) -> bool:
+        """Whether the method samples from Phase II's fitted flows (Phase II must run first)."""
+        return self.name == "mixstyleflow"
+
+    def checkpoint_name(self) -> str:
+        """``model.pt`` for MixStyleFlow (the bundle's model), ``model_<name>.pt`` for the others,
+        so a comparison never overwrites one method's model with another's."""
+        return "model.pt" if self.name == "mixstyleflow" else f"model_{self.name}.pt"
+
+    def log_folder(self) -> str:
+        """Folder under ``logs/`` for the training logs: ``phase3`` for MixStyleFlow,
+        ``phase3_<name>`` for the others."""
+        return "phase3" if self.name == "mixstyleflow" else f"phase3_{self.name}"
+
+    def _layers(self, p: float) -> dict[int, nn.Module]:
+        return {k: build_style_layer(self.layer, p=p) for k in self.layers}
+
+    def encoder_styles(self, p: float = 0.5) -> dict[int, nn.Module]:
+        """``DualDecoderNet(encoder_styles=...)`` for the encoder-level methods (else empty)."""
+        return self._layers(p) if self.where == "encoder" else {}
+
+    def image_decoder_styles(
+        self, flow_checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+        p: float = 0.5, bundle_root: str | None = None, **mixstyleflow_kwargs
+    ) -> dict[int, nn.Module]:
+        """``DualDecoderNet(image_decoder_styles=...)``: MaxStyle layers, or MixStyleFlow layers
+        sampling from the flow bank in ``flow_checkpoint`` (loaded only for MixStyleFlow; a
+        missing file stops with the Phase II command to run). ``mixstyleflow_kwargs`` go to
+        :func:`msf_monai.styles.mixstyleflow_layers` (``lam``, ``sample_per``, ``pool_size``)."""
+        if self.where != "image_decoder":
+            return {}
+        if not self.needs_flows:
+            return self._layers(p)
+        from .flows import StyleFlowBank
+
+        if flow_checkpoint is None:
+            raise ConfigValueError("style_method 'mixstyleflow' needs flow_checkpoint (Phase II's style_flows.pt)")
+        hint = phase_command(bundle_root, "phase2") if bundle_root else "the bundle's phase2.json (Phase II)"
+        bank = StyleFlowBank.load(require_file(flow_checkpoint, hint), map_location=device)
+        return mixstyleflow_layers(bank, p=p, **mixstyleflow_kwargs)
+
+    def input_style(self, p: float = 0.5) -> nn.Module | None:
+        """The image-level augmentation (RandConv) or ``None``."""
+        return build_style_layer(self.layer, p=p) if self.where == "input" else None
+
+    def iteration(
+        self, rec_weight: float = 1.0, noise_std: float = 0.05, stylized_weight: float = 1.0, p: float = 0.5,
+        maxstyle_steps: int = 5, maxstyle_lr: float = 0.1,
+    ):
+        """The ``SupervisedTrainer`` ``iteration_update`` for this method."""
+        common = {"rec_weight": rec_weight, "noise_std": noise_std}
+        if self.name == "mixstyleflow":
+            return MixStyleFlowIteration(stylized_weight=stylized_weight, **common)
+        if self.name == "maxstyle":
+            return MaxStyleIteration(steps=maxstyle_steps, lr=maxstyle_lr, stylized_weight=stylized_weight, **common)
+        return DualDecoderIteration(input_style=self.input_style(p), **common)
+
+
+METHODS: dict[str, DGMethod] = {
+    m.name: m
+    for m in (
+        DGMethod("none", "Baseline", "none", reference="no style augmentation (Phase I recipe)"),
+        DGMethod("mixstyle", "MixStyle", "encoder", (1, 2, 3), "mixstyle", "Zhou et al., ICLR 2021"),
+        DGMethod("dsu", "DSU", "encoder", (0, 1, 2, 3, 4), "dsu", "Li et al., ICLR 2022"),
+        DGMethod("trid", "TriD", "encoder", (1, 2), "trid", "Chen et al., MICCAI 2023"),
+        DGMethod("efdm", "EFDMix", "encoder", (1, 2, 3), "efdm", "Zhang et al., CVPR 2022"),
+        DGMethod("randconv", "RandConv", "input", (), "randconv", "Xu et al., ICLR 2021"),
+        DGMethod("maxstyle", "MaxStyle", "image_decoder", (2, 3, 4), "maxstyle", "Chen et al., MICCAI 2022"),
+        DGMethod("mixstyleflow", "MixStyleFlow", "image_decoder", (2, 3, 4), "mixstyleflow", "Safdari et al."),
+    )
+}
+
+
+def get_method(name: str) -> DGMethod:
+    """The method called ``name`` (case-insensitive); a clear error listing the valid names otherwise."""
+    key = str(name).strip().lower()
+    if key not in METHODS:
+        raise ConfigValueError(f"unknown style_method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[key]

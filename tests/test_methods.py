@@ -1,0 +1,155 @@
+"""Every ``style_method`` trains through the bundle's phase3.json and changes training, not evaluation.
+
+The in-process tests parse the generated ``phase3.json`` with MONAI's ConfigParser (as
+``monai.bundle run`` does) on a copy of the prostate bundle with demo data at 32 px, run one
+training iteration with ``style_p = 1`` (every style layer acts), and check:
+
+* the method's style layers (or its input augmentation) really changed what they were given
+  (the stylized batch / feature maps differ from the clean ones);
+* the trained weights load strictly into the evaluation network (``SegmentationOnlyNet``), whose
+  eval-mode output equals the training network's eval-mode output: evaluation is unaffected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from bundle_utils import check, copy_bundle, run_bundle
+from msf_monai.flows import StyleFlowBank
+from msf_monai.methods import METHODS, get_method
+from msf_monai.networks import SegmentationOnlyNet, image_decoder_channels
+
+TINY = {"image_size": 32, "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "$torch.device('cpu')"}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A prostate bundle copy with demo data and a (quickly fitted) flow bank for MixStyleFlow."""
+    root = tmp_path_factory.mktemp("methods")
+    target = copy_bundle("prostate", root)
+    rng = np.random.default_rng(0)
+    channels = image_decoder_channels()
+    bank = StyleFlowBank({k: channels[k] for k in (2, 3, 4)})
+    stats = {k: {"mean": rng.normal(size=(40, c)), "var": rng.uniform(0.5, 2.0, size=(40, c))} for k, c in bank.layer_channels.items()}
+    bank.fit(stats, epochs=2, lr=1e-3)
+    (target / "models").mkdir()
+    bank.save(target / "models" / "style_flows.pt")
+    return target
+
+
+def _parser(bundle_root, method: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "phase3.json"))
+    parser.update({"bundle_root": str(bundle_root), "style_method": method, "style_p": 1.0, **TINY})
+    # one iteration, without validation, checkpoints or logs: what is tested is the step itself
+    parser.update({"train#handlers": [], "train#extra_handlers": [], "train#trainer#epoch_length": 1, "train#trainer#decollate": False})
+    return parser
+
+
+def _style_modules(net, iteration):
+    modules = list(net.encoder_styles.values()) + list(net.image_decoder_styles.values())
+    if getattr(iteration, "input_style", None) is not None:
+        modules.append(iteration.input_style)
+    return modules
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_changes_training_not_evaluation(bundle, method):
+    parser = _parser(bundle, method)
+    torch.manual_seed(0)
+    trainer = parser.get_parsed_content("train#trainer")
+    net = trainer.network
+
+    changed = []
+
+    def record(module, args, out):
+        changed.append(float((out.detach() - args[0].detach()).abs().max()))
+
+    hooks = [m.register_forward_hook(record) for m in _style_modules(net, parser.get_parsed_content("train#iteration"))]
+    trainer.run()
+    for h in hooks:
+        h.remove()
+    output = trainer.state.output
+    assert np.isfinite(float(output["loss"]))
+
+    if method == "none":
+        assert not changed and "stylized" not in output
+    else:
+        assert changed, f"{method}: no style layer ran during the training step"
+        assert max(changed) > 1e-3, f"{method}: the style layers left their inputs unchanged"
+    if get_method(method).where in ("input", "image_decoder"):
+        assert float((output["stylized"] - output["image"]).abs().max()) > 1e-3, "the stylized batch equals the clean one"
+
+    # evaluation: the same weights in the evaluation network, eval mode, give the same output
+    eval_net = SegmentationOnlyNet(in_channels=1, out_channels=1)
+    eval_net.load_state_dict(net.state_dict(), strict=True)
+    eval_net.eval()
+    net.eval()
+    x = output["image"][:2]
+    with torch.no_grad():
+        torch.testing.assert_close(eval_net(x), net.segment(net.encode(x)))
+        first = net.segment(net.encode(x))
+        second = net.segment(net.encode(x))
+    torch.testing.assert_close(first, second)  # no randomness left in evaluation
+
+
+def test_method_outputs_are_kept_apart(bundle):
+    parser = _parser(bundle, "dsu")
+    assert parser.get_parsed_content("checkpoint_name") == "model_dsu.pt"
+    assert parser.get_parsed_content("output_dir").endswith("phase3_dsu")
+    parser = _parser(bundle, "mixstyleflow")
+    assert parser.get_parsed_content("checkpoint_name") == "model.pt"
+
+
+def test_maxstyle_search_makes_the_batch_harder(bundle):
+    """MaxStyle's adversarial steps raise the segmentation loss of the stylized batch, and leave
+    the network's weights and batch-norm running statistics untouched."""
+    parser = _parser(bundle, "maxstyle")
+    trainer = parser.get_parsed_content("train#trainer")
+    net, it = trainer.network, parser.get_parsed_content("train#iteration")
+    batch = next(iter(trainer.data_loader))
+    x, y = batch["image"][:4], batch["label"][:4]
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    class _Engine:
+        network, loss_function = net, trainer.loss_function
+
+    def loss_of(stylized):
+        with torch.no_grad():
+            return float(trainer.loss_function(net.segment(net.encode(stylized)), y).mean())
+
+    losses = {}
+    for steps in (0, 5):
+        torch.manual_seed(3)
+        it.steps = steps
+        z = net.encode(x).detach()
+        losses[steps] = loss_of(it.stylize(_Engine, z, x, y))
+    # the encode() calls above updated running statistics; compare weights only
+    after = net.state_dict()
+    for k, v in before.items():
+        if "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(after[k], v)
+    assert losses[5] > losses[0], losses
+
+
+def test_unknown_style_method_is_a_clear_error(tmp_path):
+    copy_bundle("prostate", tmp_path)
+    proc = run_bundle(tmp_path, "phase3", "--style_method", "mixstyel", "--image_size", "32")
+    assert proc.returncode != 0
+    assert "unknown style_method 'mixstyel'" in proc.stdout and "mixstyleflow" in proc.stdout
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "bundles" / "prostate" / "demo_data").exists(), "work started before the check"
+
+
+def test_a_baseline_trains_end_to_end_through_the_bundle(tmp_path):
+    """``--style_method dsu`` needs no Phase I/II outputs and writes its own checkpoint."""
+    target = copy_bundle("prostate", tmp_path)
+    out = check(run_bundle(tmp_path, "phase3", "--style_method", "dsu", "--image_size", "32", "--epochs", "1", "--batch_size", "8"))
+    assert "Epoch[1]" in out or "epoch" in out.lower()
+    ckpt = target / "models" / "model_dsu.pt"
+    assert ckpt.is_file() and not (target / "models" / "model.pt").exists()
+    SegmentationOnlyNet().load_state_dict(torch.load(ckpt, weights_only=True), strict=True)
