@@ -1,6 +1,7 @@
-"""Side-by-side table of evaluation summaries (the ``*_summary.json`` files that
-``evaluate.json`` writes): one row per model, one column per site, plus the mean over the
-unseen sites.
+"""Paper-style Dice tables from evaluation summaries (the ``*_summary.json`` files that
+``evaluate.json`` writes): one row per model or method, one column per domain, plus the mean
+over the unseen domains. Several summaries per row (e.g. one per seed) give ``mean ± std``.
+Cells hold one number per structure (fundus: "OD, OC"), Dice in %.
 
     python -m msf_monai.report bundles/prostate/eval/phase1_model_summary.json \
         bundles/prostate/eval/model_summary.json --source_site SiteA
@@ -8,48 +9,165 @@ unseen sites.
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["summary_table"]
+__all__ = ["DGTable", "dg_table", "load_summary", "summary_table"]
+
+UNSEEN_MEAN = "unseen mean"
 
 
-def _load(path: str | Path) -> dict:
+def load_summary(path: str | Path) -> dict:
+    """An evaluation summary; a clear error naming the file when it is missing or not one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation summary not found: {path} (run the bundle's evaluate.json first)")
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text())
+    if not isinstance(summary, dict) or "sites" not in summary or "channels" not in summary:
+        raise ValueError(f"{path} is not an evaluation summary (no 'sites'/'channels'); expected a *_summary.json of evaluate.json")
+    return summary
+
+
+@dataclass
+class DGTable:
+    """Per-row, per-domain, per-structure Dice (fractions): ``mean[row][domain]`` is a list with
+    one value per structure (``channels``), averaged over the row's summaries (seeds); ``std``
+    the standard deviation over them (0 for one summary); ``n_runs[row]`` how many there were.
+    ``domains`` ends with :data:`UNSEEN_MEAN`, the mean over every domain but ``source_site``
+    (per summary, then over summaries)."""
+
+    rows: list[str]
+    domains: list[str]
+    channels: list[str]
+    source_site: str | None
+    mean: dict[str, dict[str, list[float]]]
+    std: dict[str, dict[str, list[float]]]
+    n_runs: dict[str, int]
+
+    def _label(self, domain: str) -> str:
+        return f"{domain} (source)" if domain == self.source_site else domain
+
+    def _cell(self, row: str, domain: str) -> str:
+        if domain not in self.mean[row]:
+            return "-"
+        values = self.mean[row][domain]
+        if self.n_runs[row] > 1:
+            return ", ".join(f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(values, self.std[row][domain]))
+        return ", ".join(f"{100 * m:.1f}" for m in values)
+
+    def markdown(self) -> str:
+        """The table in markdown (Dice %, cells "a, b" for several structures)."""
+        title = "model" if all(n == 1 for n in self.n_runs.values()) else "model (mean ± std over runs)"
+        head = f"| {title} | " + " | ".join(self._label(d) for d in self.domains) + " |"
+        lines = [head, "|---" * (len(self.domains) + 1) + "|"]
+        lines += [f"| {r} | " + " | ".join(self._cell(r, d) for d in self.domains) + " |" for r in self.rows]
+        if len(self.channels) > 1:
+            lines.append(f"\nCells: Dice % of {', '.join(self.channels)}.")
+        return "\n".join(lines)
+
+    def write_csv(self, path: str | Path) -> Path:
+        """Wide CSV: one row per model, columns ``<domain> <structure>`` (mean Dice %) and, with
+        several runs, ``... std``; plus ``runs``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields = ["model", "runs"]
+        for d in self.domains:
+            for c in self.channels:
+                fields.append(f"{d} {c}")
+                if any(n > 1 for n in self.n_runs.values()):
+                    fields.append(f"{d} {c} std")
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in self.rows:
+                rec: dict[str, object] = {"model": r, "runs": self.n_runs[r]}
+                for d in self.domains:
+                    for i, c in enumerate(self.channels):
+                        if d in self.mean[r]:
+                            rec[f"{d} {c}"] = round(100 * self.mean[r][d][i], 3)
+                            if f"{d} {c} std" in fields:
+                                rec[f"{d} {c} std"] = round(100 * self.std[r][d][i], 3)
+                writer.writerow(rec)
+        return path
+
+    def plot(self, path: str | Path, title: str = "Dice per domain") -> Path:
+        """Grouped bar chart (one panel per structure, one bar per model and domain, error bars
+        = std over runs) as PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, axes = plt.subplots(1, len(self.channels), figsize=(1.2 + 1.1 * len(self.domains) * len(self.channels) + 2, 3.6), squeeze=False)
+        width = 0.8 / max(1, len(self.rows))
+        x = np.arange(len(self.domains))
+        for i, (ax, channel) in enumerate(zip(axes[0], self.channels)):
+            for j, r in enumerate(self.rows):
+                means = [100 * self.mean[r][d][i] if d in self.mean[r] else np.nan for d in self.domains]
+                errs = [100 * self.std[r][d][i] if d in self.mean[r] else 0 for d in self.domains]
+                ax.bar(x + (j - (len(self.rows) - 1) / 2) * width, means, width, yerr=errs if self.n_runs[r] > 1 else None, label=r, capsize=2)
+            ax.set_xticks(x, [self._label(d) for d in self.domains], rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel(f"Dice % ({channel})")
+            ax.set_ylim(0, 100)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].legend(fontsize=7, loc="upper right")
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def dg_table(results: Mapping[str, Sequence[Mapping]], source_site: str | None = None, channel: str | None = None) -> DGTable:
+    """Build a :class:`DGTable` from ``{row name: [summary, ...]}`` (one summary per run).
+
+    ``source_site`` is shown first and excluded from the unseen mean (``None``: every domain
+    counts as unseen). ``channel`` keeps one structure only."""
+    if not results or any(len(v) == 0 for v in results.values()):
+        raise ValueError("give at least one summary for every row")
+    first = next(iter(results.values()))[0]
+    channels = [channel] if channel else list(first["channels"])
+    for name, runs in results.items():
+        for s in runs:
+            missing = [c for c in channels if c not in s["channels"]]
+            if missing:
+                raise ValueError(f"{name}: summary has structures {s['channels']}, not {missing}")
+    sites = sorted({site for runs in results.values() for s in runs for site in s["sites"]})
+    if source_site in sites:
+        sites = [source_site] + [s for s in sites if s != source_site]
+    unseen = [s for s in sites if s != source_site]
+    mean: dict[str, dict[str, list[float]]] = {}
+    std: dict[str, dict[str, list[float]]] = {}
+    for name, runs in results.items():
+        per_domain: dict[str, list[list[float]]] = {}
+        for s in runs:
+            for site in sites:
+                if site in s["sites"]:
+                    per_domain.setdefault(site, []).append([s["sites"][site][c]["mean"] for c in channels])
+            seen = [site for site in unseen if site in s["sites"]]
+            if seen:
+                per_domain.setdefault(UNSEEN_MEAN, []).append(
+                    [float(np.mean([s["sites"][site][c]["mean"] for site in seen])) for c in channels]
+                )
+        mean[name] = {d: np.mean(v, axis=0).tolist() for d, v in per_domain.items()}
+        std[name] = {d: np.std(v, axis=0).tolist() for d, v in per_domain.items()}
+    return DGTable(list(results), sites + [UNSEEN_MEAN], channels, source_site, mean, std, {k: len(v) for k, v in results.items()})
 
 
 def summary_table(*summary_files: str, source_site: str | None = "SiteA", channel: str | None = None) -> str:
-    """Markdown table of the per-site mean Dice of each summary file.
-
-    Args:
-        summary_files: ``<name>_summary.json`` files; the row name is ``<name>``.
-        source_site: excluded from the "unseen mean" column (``None``: every site counts).
-        channel: which structure to report (default: every channel, as "a, b").
-    """
+    """Markdown table of the per-site mean Dice of each summary file (row name ``<name>`` of
+    ``<name>_summary.json``)."""
     if not summary_files:
         raise ValueError("give at least one summary file")
-    summaries = {Path(f).name.removesuffix("_summary.json"): _load(f) for f in summary_files}
-    sites = sorted({s for summary in summaries.values() for s in summary["sites"]})
-    unseen = [s for s in sites if s != source_site]
-    lines = ["| model | " + " | ".join(sites) + " | unseen mean |", "|---" * (len(sites) + 2) + "|"]
-    for name, summary in summaries.items():
-        channels = [channel] if channel else summary["channels"]
-
-        def cell(values):
-            return ", ".join(f"{100 * v:.1f}" for v in values)
-
-        row = []
-        for s in sites:
-            site = summary["sites"].get(s)
-            row.append(cell(site[c]["mean"] for c in channels) if site else "-")
-        means = [np.mean([summary["sites"][s][c]["mean"] for s in unseen if s in summary["sites"]]) for c in channels]
-        lines.append(f"| {name} | " + " | ".join(row) + f" | {cell(means)} |")
-    return "\n".join(lines)
+    results = {Path(f).name.removesuffix("_summary.json"): [load_summary(f)] for f in summary_files}
+    return dg_table(results, source_site=source_site, channel=channel).markdown()
 
 
 def main(*summary_files: str, source_site: str | None = "SiteA", channel: str | None = None) -> None:
