@@ -4,6 +4,7 @@ phase has run, and choosing the source site of a data list."""
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,9 +16,16 @@ __all__ = [
     "phase_command",
     "require_file",
     "select_sites",
+    "training_subset",
     "ConfigValueError",
     "MissingPhaseOutputError",
+    "PhaseError",
+    "check_settings",
+    "deterministic_algorithms",
 ]
+
+#: the networks halve the image four times (H/16 bottleneck): image sizes are multiples of this
+SIZE_DIVISOR = 16
 
 
 class MissingPhaseOutputError(SystemExit):
@@ -34,12 +42,12 @@ class ConfigValueError(SystemExit):
     message, not a traceback from inside MONAI's config parser; exit status 1."""
 
 
-class ConfigError(SystemExit):
-    """A setting is invalid; raised before any work, reaches the user as its message (exit 1)."""
+class PhaseError(SystemExit):
+    """A phase stopped on a problem it explains (e.g. a diverged flow fit); message only, exit 1."""
 
 
 def check_settings(image_size=None, style_layers=None, temperatures=None) -> bool:
-    """Check settings that would otherwise fail deep inside a run; one :class:`ConfigError`
+    """Check settings that would otherwise fail deep inside a run; one :class:`ConfigValueError`
     naming every bad one. ``image_size`` must be a positive multiple of 16 (the networks
     downsample by 16); ``temperatures`` needs one value per entry of ``style_layers``."""
     problems = []
@@ -71,8 +79,23 @@ def check_settings(image_size=None, style_layers=None, temperatures=None) -> boo
                         problems.append(f"--temperatures {temperatures!r}: every temperature must be a positive number")
                         break
     if problems:
-        raise ConfigError("invalid settings, nothing was run:\n  " + "\n  ".join(problems))
+        raise ConfigValueError("invalid settings, nothing was run:\n  " + "\n  ".join(problems))
     return True
+
+
+def deterministic_algorithms(enabled) -> bool:
+    """``--deterministic true``: make PyTorch use deterministic kernels where it has them
+    (``torch.use_deterministic_algorithms(True, warn_only=True)``: a warning, not an error, for
+    an operation without one; sets ``CUBLAS_WORKSPACE_CONFIG`` for cuBLAS on CUDA). Slower on
+    GPU. ``set_determinism(seed)`` (always called) already seeds every generator and makes
+    cuDNN pick deterministic convolution algorithms."""
+    import torch
+
+    enabled = str(enabled).strip().lower() in ("true", "1", "yes") if isinstance(enabled, str) else bool(enabled)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return enabled
 
 
 def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
@@ -122,17 +145,17 @@ def require_file(path: str | os.PathLike, how_to_create: str) -> str:
 
 def select_sites(datalist: Sequence[dict], sites: str | Sequence[str] | None, role: str = "source") -> list[dict]:
     """Items of the data list whose ``site`` is one of ``sites``; a clear error listing the
-    available sites when none match (:class:`ConfigError`). ``None`` takes the only site of a
+    available sites when none match (:class:`ConfigValueError`). ``None`` takes the only site of a
     one-site dataset."""
     available = sorted({d["site"] for d in datalist})
     if sites is None:
         if len(available) != 1:
-            raise ConfigError(f"the dataset has several sites {available}: choose the {role} site, e.g. --{role}_site {available[0]}")
+            raise ConfigValueError(f"the dataset has several sites {available}: choose the {role} site, e.g. --{role}_site {available[0]}")
         return list(datalist)
     wanted = [sites] if isinstance(sites, str) else list(sites)
     unknown = [s for s in wanted if s not in available]
     if unknown:
-        raise ConfigError(f"{role} site(s) {unknown} not in the dataset; available sites: {available}")
+        raise ConfigValueError(f"{role} site(s) {unknown} not in the dataset; available sites: {available}")
     return [d for d in datalist if d["site"] in wanted]
 
 
@@ -149,6 +172,25 @@ def evaluation_list(
     source = select_sites(datalist, source_site)
     _, source_val = split_by_patient(source, val_fraction=val_fraction, seed=seed)
     return list(source_val) + [d for d in datalist if d["site"] != source_site]
+
+
+def training_subset(train_list: Sequence[dict], fraction: float = 1.0, seed: int = 0) -> list[dict]:
+    """The first ``fraction`` of the training patients (at least one), drawn with ``seed``: the
+    low-data regime of the papers (``--train_fraction 0.1`` / ``0.3``). ``1.0`` keeps all.
+    Patients are kept whole (all slices of a volume), as in :func:`split_by_patient`."""
+    from msf_monai.data import split_by_patient
+
+    try:
+        fraction = float(fraction)
+    except (TypeError, ValueError):
+        fraction = float("nan")
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigValueError(f"train_fraction must be in (0, 1], got {fraction!r}")
+    if fraction == 1.0:
+        return list(train_list)
+    subset, _ = split_by_patient(train_list, val_fraction=1.0 - fraction, seed=seed)
+    logging.getLogger(__name__).info("train_fraction %.2f: training on %d of %d items", fraction, len(subset), len(train_list))
+    return subset
 
 
 def phase_command(bundle_root: str | os.PathLike, config: str) -> str:

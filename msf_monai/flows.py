@@ -277,6 +277,9 @@ def fit_flow(
     logger: logging.Logger | None = None,
     init_samples: int = 2048,
     restore_best: bool = True,
+    resume_state: Mapping[str, Any] | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[dict], None] | None = None,
 ) -> list[dict[str, float]]:
     """Maximum-likelihood training of ``flow`` on ``data`` ``[N, C]`` (AdamW, shuffled batches).
 
@@ -289,6 +292,13 @@ def fit_flow(
     ``grad_clip`` (total norm; ``None`` = no clipping). Returns one dict per epoch with
     ``"epoch"`` (1-based), ``"train_nll"`` (mean NLL per sample over the epoch's batches) and,
     if ``val_data`` is given, ``"val_nll"`` (eval mode). The flow is left in eval mode.
+
+    Resumable: every ``checkpoint_every`` epochs (and when the fit ends, with ``"finished":
+    True``) ``on_checkpoint(state)`` receives the full fit state (flow and optimiser state,
+    epoch, history, best epoch so far, the shuffling generator's state), plain tensors and
+    values ready for ``torch.save``. Passing such a state back as ``resume_state`` continues
+    the fit after that epoch, with the same result as an uninterrupted fit; a finished state
+    only restores the final weights.
 
     Raises ``ValueError`` for invalid data and :class:`FlowFitError` when the loss or the
     gradient norm becomes non-finite (the fit diverged: lower ``lr`` or ``scale_clamp``).
@@ -319,14 +329,41 @@ def fit_flow(
     n = x.shape[0]
 
     flow.train()
-    init_idx = torch.randperm(n, generator=gen)[: max(2, min(n, int(init_samples)))].to(ref.device)
-    _initialise_actnorms(flow, x[init_idx], log)
-
     optimiser = torch.optim.AdamW(flow.parameters(), lr=lr, weight_decay=weight_decay)
     history: list[dict[str, float]] = []
     best_nll, best_state = math.inf, None
+    first_epoch = 1
+    if resume_state is not None:
+        flow.load_state_dict(resume_state["flow"])
+        if resume_state.get("finished"):
+            flow.eval()
+            log.info("flow fit already finished (%d epochs): restored its final weights", int(resume_state["epoch"]))
+            return [dict(r) for r in resume_state["history"]]
+        optimiser.load_state_dict(resume_state["optimiser"])
+        gen.set_state(resume_state["generator"])
+        history = [dict(r) for r in resume_state["history"]]
+        best_nll = float(resume_state["best_nll"])
+        best_state = resume_state.get("best_state")
+        first_epoch = int(resume_state["epoch"]) + 1
+        log.info("resuming the flow fit after epoch %d of %d", first_epoch - 1, int(epochs))
+    else:
+        init_idx = torch.randperm(n, generator=gen)[: max(2, min(n, int(init_samples)))].to(ref.device)
+        _initialise_actnorms(flow, x[init_idx], log)
+
+    def fit_state(epoch: int, finished: bool = False) -> dict:
+        return {
+            "epoch": int(epoch),
+            "finished": bool(finished),
+            "flow": {k: v.detach().cpu().clone() for k, v in flow.state_dict().items()},
+            "optimiser": _cpu_copy(optimiser.state_dict()),
+            "generator": gen.get_state(),
+            "history": [dict(r) for r in history],
+            "best_nll": float(best_nll),
+            "best_state": None if best_state is None else {k: v.detach().cpu().clone() for k, v in best_state.items()},
+        }
+
     bs = int(batch_size)
-    for epoch in range(1, int(epochs) + 1):
+    for epoch in range(first_epoch, int(epochs) + 1):
         flow.train()
         perm = torch.randperm(n, generator=gen).to(ref.device)
         total, count = 0.0, 0
@@ -363,12 +400,27 @@ def fit_flow(
         if log_every and (epoch % int(log_every) == 0 or epoch == int(epochs)):
             extra = f", val NLL {record['val_nll']:.4f}" if "val_nll" in record else ""
             log.info("flow epoch %d/%d: train NLL %.4f%s", epoch, int(epochs), record["train_nll"], extra)
+        if on_checkpoint is not None and checkpoint_every and epoch % int(checkpoint_every) == 0 and epoch < int(epochs):
+            on_checkpoint(fit_state(epoch))
     if best_state is not None:
         flow.load_state_dict(best_state)
         best = min(history, key=lambda r: r["val_nll"])
         log.info("kept the weights of epoch %d (lowest validation NLL %.4f)", best["epoch"], best["val_nll"])
     flow.eval()
+    if on_checkpoint is not None:
+        on_checkpoint(fit_state(int(epochs), finished=True))
     return history
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A detached CPU copy of nested dicts/lists of tensors (an optimiser state)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, Mapping):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
 
 
 def _base_noise(flow: Flow, n: int, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -535,6 +587,8 @@ class StyleFlowBank(nn.Module):
         self.base = base
         self.metadata: dict[str, Any] = {}
         self.last_replaced: dict[str, int] = {}
+        #: per layer, over the bank's life: samples drawn and replaced by the guard (mean + spread)
+        self.guard_counts: dict[int, dict[str, int]] = {}
         self.mean_flows = nn.ModuleDict(
             {str(k): build_style_flow(c, self.num_blocks, scale_clamp=self.scale_clamp, base=base) for k, c in self._channels.items()}
         )
@@ -634,6 +688,9 @@ class StyleFlowBank(nn.Module):
         seed: int = 0,
         log_every: int = 10,
         logger: logging.Logger | None = None,
+        resume_state: Mapping[str, Mapping] | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[dict], None] | None = None,
     ) -> dict[str, list[dict[str, float]]]:
         """Fit all ``2 x L`` flows to recorded statistics.
 
@@ -641,12 +698,21 @@ class StyleFlowBank(nn.Module):
         variances). A random ``val_fraction`` of the images (same split for both flows of a
         layer, kept only if it leaves >= 2 training rows) is held out to report validation NLL.
         Returns the per-epoch histories keyed ``"mean_<layer>"`` / ``"spread_<layer>"``.
+
+        Statistics with non-finite values are rejected (``ValueError`` naming the layer); a
+        diverging fit raises :class:`FlowFitError` naming the flow and its layer.
+
+        Resumable (see :func:`fit_flow`): ``on_checkpoint(states)`` receives
+        ``{"<kind>_<layer>": fit state}`` of every flow started so far, every
+        ``checkpoint_every`` epochs and whenever a flow finishes; ``resume_state`` (such a
+        dict) restores finished flows without refitting and continues an interrupted one.
         """
         log = logger or _LOGGER
         if not (0.0 <= val_fraction < 1.0):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         data = self._validated_stats(stats)
         histories: dict[str, list[dict[str, float]]] = {}
+        states: dict[str, dict] = {k: dict(v) for k, v in (resume_state or {}).items()}
         for i, (layer, (mean, var)) in enumerate(data.items()):
             spread = self._spread_from_var(var)
             n = mean.shape[0]
@@ -657,20 +723,33 @@ class StyleFlowBank(nn.Module):
             else:
                 tr, va = torch.arange(n), None
             for j, (kind, flows, values) in enumerate((("mean", self.mean_flows, mean), ("spread", self.spread_flows, spread))):
+                key = f"{kind}_{layer}"
                 log.info("fitting %s flow of layer %d on %d samples x %d channels", kind, layer, len(tr), values.shape[1])
-                histories[f"{kind}_{layer}"] = fit_flow(
-                    flows[str(layer)],
-                    values[tr],
-                    epochs=epochs,
-                    lr=lr,
-                    batch_size=batch_size,
-                    grad_clip=grad_clip,
-                    weight_decay=weight_decay,
-                    val_data=None if va is None else values[va],
-                    seed=int(seed) + 2 * i + j,
-                    log_every=log_every,
-                    logger=log,
-                )
+
+                def checkpoint(state: dict, key: str = key) -> None:
+                    states[key] = state
+                    if on_checkpoint is not None:
+                        on_checkpoint(dict(states))
+
+                try:
+                    histories[key] = fit_flow(
+                        flows[str(layer)],
+                        values[tr],
+                        epochs=epochs,
+                        lr=lr,
+                        batch_size=batch_size,
+                        grad_clip=grad_clip,
+                        weight_decay=weight_decay,
+                        val_data=None if va is None else values[va],
+                        seed=int(seed) + 2 * i + j,
+                        log_every=log_every,
+                        logger=log,
+                        resume_state=states.get(key),
+                        checkpoint_every=checkpoint_every,
+                        on_checkpoint=checkpoint,
+                    )
+                except FlowFitError as err:
+                    raise FlowFitError(f"{kind} flow of style layer {layer}: {err}") from err
         self.eval()
         return histories
 
@@ -688,7 +767,8 @@ class StyleFlowBank(nn.Module):
         ``temperature=None`` uses the layer's configured temperature. The returned spread is
         always a standard deviation: ``sqrt(clamp(var, 1e-8))`` for ``statistic="variance"``,
         ``clamp(std, 1e-4)`` for ``"std"``. Replaced (guarded) rows and clamped entries are
-        recorded in :attr:`last_replaced` and logged as a warning.
+        recorded in :attr:`last_replaced` (totals per layer in :attr:`guard_counts`) and logged
+        as a warning with their number.
         """
         key = self._check_layer(layer)
         t = self.temperatures[key] if temperature is None else float(temperature)
@@ -707,6 +787,9 @@ class StyleFlowBank(nn.Module):
             n_clamped = int((spread < floor).sum())
             std = spread.clamp_min(floor)
         self.last_replaced = {"layer": key, "mean": n_mean, "spread": n_spread, "clamped": n_clamped}
+        counts = self.guard_counts.setdefault(key, {"drawn": 0, "replaced": 0})
+        counts["drawn"] += 2 * int(n)
+        counts["replaced"] += n_mean + n_spread
         if n_mean or n_spread:
             _LOGGER.warning(
                 "layer %d at T=%.2f: replaced %d mean and %d spread sample(s) that were non-finite or exploding",

@@ -123,6 +123,16 @@ class StyleFlowFitter:
         epochs, lr, batch_size, grad_clip, val_fraction, seed: flow fitting settings
             (paper: 100 epochs, AdamW lr 1e-4, batch 20, gradient-norm clip 5).
         metadata: extra entries stored in the checkpoint (e.g. the Phase I checkpoint used).
+        resume_path: the fit's resume file (``None``: not resumable). Written atomically every
+            ``checkpoint_every`` flow epochs and when a flow finishes; a rerun after a crash
+            keeps the finished flows and continues the interrupted one from its last state,
+            with the same result as an uninterrupted fit.
+        resume: use ``resume_path`` when it exists (``False``: fit from scratch).
+        settings: plain values stored with the resume state; a state saved with other
+            settings or other statistics is not resumed (the fit starts anew, with a warning).
+
+    A diverging fit or non-finite statistics stop the phase with a message naming the layer
+    (:class:`msf_monai.bundle.PhaseError`, exit status 1, no traceback).
     """
 
     def __init__(
@@ -139,8 +149,18 @@ class StyleFlowFitter:
         val_fraction: float = 0.1,
         seed: int = 0,
         metadata: dict | None = None,
+        resume_path: str | os.PathLike | None = None,
+        resume: bool = True,
+        checkpoint_every: int = 10,
+        settings: dict | None = None,
     ):
+        from msf_monai.resume import _as_bool, _plain_settings
+
         self.recorder, self.bank = recorder, bank
+        self.resume_path = None if resume_path is None else Path(resume_path)
+        self.resume = _as_bool(resume)
+        self.checkpoint_every = max(0, int(checkpoint_every))
+        self.settings = _plain_settings(settings)
         self.flow_path, self.log_path, self.plot_path = flow_path, log_path, plot_path
         self.fit_kwargs = dict(
             epochs=int(epochs), lr=float(lr), batch_size=int(batch_size), grad_clip=float(grad_clip),
@@ -152,12 +172,68 @@ class StyleFlowFitter:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
+    def _resume_state(self, digest: str) -> dict | None:
+        from msf_monai.resume import _differences, load_resume_state, remove_stale_temporaries
+
+        if self.resume_path is None:
+            return None
+        remove_stale_temporaries(self.resume_path)
+        if not self.resume_path.is_file():
+            return None
+        if not self.resume:
+            self.resume_path.unlink()
+            logger.info("--resume false: removed the previous flow-fitting state %s; fitting from scratch", self.resume_path)
+            return None
+        saved = load_resume_state(self.resume_path)
+        diff = _differences(saved.get("settings", {}), self.settings)
+        if saved.get("statistics") != digest:
+            diff.append("the style statistics differ")
+        if diff:
+            logger.warning("the flow-fitting state %s was saved with other inputs (%s): fitting from scratch",
+                           self.resume_path, "; ".join(diff))
+            return None
+        flows = saved.get("flows", {})
+        done = sorted(k for k, v in flows.items() if v.get("finished"))
+        running = {k: int(v["epoch"]) for k, v in flows.items() if not v.get("finished")}
+        logger.info("Resuming the flow fit from %s: finished flows %s%s", self.resume_path, done or "none",
+                    "".join(f", {k} from epoch {e}" for k, e in running.items()))
+        return flows
+
+    def _save_state(self, flows: dict, digest: str, finished: bool = False) -> None:
+        from msf_monai.resume import RESUME_FORMAT, RESUME_VERSION, atomic_save
+
+        if self.resume_path is None:
+            return
+        atomic_save({"format": RESUME_FORMAT, "version": RESUME_VERSION, "finished": bool(finished), "epoch": 0,
+                     "settings": dict(self.settings), "statistics": digest, "flows": flows}, self.resume_path)
+
     def __call__(self, engine: Engine) -> None:
+        from msf_monai.bundle import PhaseError
+        from msf_monai.flows import FlowFitError
+
         stats = self.recorder.stats
+        digest = _statistics_digest(stats)
+        state = self._resume_state(digest)
         logger.info("fitting %d style flows (%d epochs)", 2 * len(stats), self.fit_kwargs["epochs"])
-        self.history = self.bank.fit(stats, **self.fit_kwargs)
+        flows: dict = dict(state or {})
+
+        def checkpoint(states: dict) -> None:
+            flows.clear()
+            flows.update(states)
+            self._save_state(states, digest)
+
+        try:
+            self.history = self.bank.fit(stats, resume_state=state, on_checkpoint=checkpoint,
+                                         checkpoint_every=self.checkpoint_every, **self.fit_kwargs)
+        except FlowFitError as err:
+            raise PhaseError(f"Phase II stopped: {err}. Nothing was saved to {self.flow_path}.") from err
+        except ValueError as err:
+            raise PhaseError(f"Phase II stopped, the style statistics cannot be fitted: {err}. "
+                             "The Phase I model may have diverged (check its training loss) or the data hold "
+                             "non-finite values.") from err
         n_images = len(next(iter(stats.values()))["mean"])
         self.bank.save(self.flow_path, num_images=int(n_images), **self.metadata)
+        self._save_state(flows, digest, finished=True)
         logger.info("saved style flows to %s", self.flow_path)
         if self.log_path is not None:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +241,22 @@ class StyleFlowFitter:
         if self.plot_path is not None:
             plot_style_samples(self.bank, stats, self.plot_path)
             logger.info("saved real-vs-sampled style plot to %s", self.plot_path)
+            for layer, c in sorted(self.bank.guard_counts.items()):
+                logger.info("style layer %d: the sampling guard replaced %d of %d sampled statistics (non-finite or exploding)",
+                            layer, c["replaced"], c["drawn"])
+
+
+def _statistics_digest(stats: dict) -> str:
+    """SHA-1 of the recorded statistics (layers, shapes and values)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for k in sorted(stats):
+        for name in sorted(stats[k]):
+            arr = np.ascontiguousarray(stats[k][name])
+            h.update(f"{k}/{name}/{arr.dtype}/{arr.shape}".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def plot_style_samples(bank, stats: dict, path: str | os.PathLike, n_samples: int = 500, seed: int = 0) -> None:
@@ -389,3 +481,4 @@ class DataWaitTimer:
         }
         self.history.append(record)
         logger.info("epoch %d: %.2f s, of which %.2f s (%.1f %%) waiting for data", record["epoch"], total, self._wait, 100 * record["data_wait_fraction"])
+

@@ -21,9 +21,11 @@ esac
 bash scripts/setup_env.sh
 run() { .venv/bin/python -m monai.bundle run --config_file "bundles/$bundle/configs/$1.json" "${@:2}"; }
 start=$(date +%s)
-run phase1 "$@"
-run phase2 "$@"
-run phase3 "$@"
+# the demo trains every phase afresh (--resume false), also when it ran before; a phase run by
+# hand continues an interrupted run instead (see "Interruptions" in README.md)
+run phase1 --resume false "$@"
+run phase2 --resume false "$@"
+run phase3 --resume false "$@"
 echo "phases I-III finished in $(( $(date +%s) - start )) s"
 run evaluate --checkpoint "bundles/$bundle/models/phase1_model.pt" "$@"
 run evaluate --checkpoint "bundles/$bundle/models/model.pt" "$@"

@@ -17,6 +17,7 @@ from msf_monai.data import (
     DEMO_FUNDUS_SOURCE_DOMAIN,
     FUNDUS_DOMAIN_STYLES,
     DataListError,
+    DataValidationError,
     acquire_fundus,
     build_fundus_datalist,
     detect_fundus_layout,
@@ -352,9 +353,11 @@ def test_list_fundus_folder_with_mapping(tmp_path):
 def test_fundus_datalist_demo(tmp_path):
     demo = tmp_path / "demo_fundus"
     kw_root = tmp_path / "other"
-    # the demo is generated only when dataset_dir is the demo folder
-    with pytest.raises(DataListError):
+    # the demo is generated only when dataset_dir is the demo folder; the bundles' entry point
+    # reports a missing folder as a clean exit (message, status 1), naming the folder
+    with pytest.raises(DataValidationError, match="does not exist") as err:
         fundus_datalist(kw_root, demo_dir=demo)
+    assert str(kw_root) in str(err.value) and err.value.problems
     assert not demo.exists()
     sf_counts = sf.DEFAULT_SOURCE_COUNTS, sf.DEFAULT_TARGET_COUNTS
     items = fundus_datalist(demo, demo_dir=demo, demo_seed=0)

@@ -30,6 +30,7 @@ from .prostate_lists import (
     split_by_patient,
 )
 from .slices import SliceDataset, extract_slices
+from .validation import DataCheck, DataValidationError, check_fundus_images, check_volumes
 from .synthetic_fundus import (
     DEMO_FUNDUS_DOMAINS,
     DEMO_FUNDUS_SOURCE_DOMAIN,
@@ -73,6 +74,10 @@ __all__ = [
     "prostate_datalist",
     "SliceDataset",
     "extract_slices",
+    "DataCheck",
+    "DataValidationError",
+    "check_fundus_images",
+    "check_volumes",
     "split_by_patient",
     "DEMO_INFO_FILE",
     "DEMO_SITES",

@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .prostate_lists import DataListError, _check_root, _natural_key, _visible
+from .validation import exit_on_data_errors
 
 __all__ = [
     "FUNDUS_IMAGE_EXTENSIONS",
@@ -355,13 +356,15 @@ def build_fundus_datalist(root, layout: str = "auto", mapping=None) -> list[dict
     return items
 
 
+@exit_on_data_errors
 def fundus_datalist(dataset_dir, demo_dir=None, layout: str = "auto", mapping=None,
                     demo_seed: int = 0) -> list[dict]:
     """The bundles' entry point: the data list of ``dataset_dir``.
 
     When ``dataset_dir`` is the bundle's demo folder (``demo_dir``), the synthetic
     multi-domain fundus demo set is generated there first if it is missing (see
-    :func:`msf_monai.data.ensure_demo_fundus`); any other folder is only read.
+    :func:`msf_monai.data.ensure_demo_fundus`); any other folder is only read. Problems are
+    raised as :class:`~msf_monai.data.validation.DataValidationError` (clean exit, no traceback).
     """
     if demo_dir is not None and Path(dataset_dir).expanduser().absolute() == \
             Path(demo_dir).expanduser().absolute():
@@ -371,6 +374,7 @@ def fundus_datalist(dataset_dir, demo_dir=None, layout: str = "auto", mapping=No
     return build_fundus_datalist(dataset_dir, layout=layout, mapping=mapping)
 
 
+@exit_on_data_errors
 def fundus_image_files(folder) -> list[dict]:
     """Inference list: every image file (PNG, JPEG, BMP, TIFF) directly in ``folder``, as
     ``{"image": path, "case": stem}`` items."""

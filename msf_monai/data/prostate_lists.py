@@ -223,6 +223,12 @@ def list_multisite(root) -> list[dict]:
     return items
 
 
+def _exit_on_data_errors(fn):
+    from .validation import exit_on_data_errors  # validation imports this module
+
+    return exit_on_data_errors(fn)
+
+
 def _decathlon_t2_channel(path: Path, problems: list[str]) -> int:
     meta = path / "dataset.json"
     if not meta.is_file():
@@ -406,8 +412,13 @@ def group_by_site(items: Iterable[Mapping]) -> dict[str, list]:
     return {s: groups[s] for s in sorted(groups, key=_natural_key)}
 
 
+@_exit_on_data_errors
 def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_seed: int = 0) -> list[dict]:
     """The bundles' entry point: the data list of ``dataset_dir``.
+
+    Problems (missing or empty folder, unpaired files, ...) are raised as
+    :class:`~msf_monai.data.validation.DataValidationError` (a clean message and exit status 1
+    in a bundle run, not a traceback).
 
     When ``dataset_dir`` is the bundle's demo folder (``demo_dir``), the synthetic multi-site
     demo set is generated there first if it is missing (see
@@ -420,6 +431,7 @@ def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_see
     return build_datalist(dataset_dir, layout=layout)
 
 
+@_exit_on_data_errors
 def image_files(folder) -> list[dict]:
     """Inference list: every image file of ``folder`` (NIfTI, MetaImage, NRRD) that is not a
     label (``*_segmentation``), as ``{"image": path, "case": name}`` items."""

@@ -1,0 +1,430 @@
+"""Resumable training: full training checkpoints written atomically, and picked up again when
+the same command is run after a crash, a pre-empted GPU or a ``kill``.
+
+* :func:`atomic_save` -- ``torch.save`` to a temporary file in the target folder, flush,
+  ``fsync``, then ``os.replace``: a reader (or a resumed run) sees the old file or the new
+  one, never half a file.
+* :class:`TrainingCheckpointer` -- ignite handler for the Phase I / III trainers. Every
+  ``interval`` epochs it writes the *latest* full training state (network, optimizer, lr
+  scheduler, epoch/iteration, best validation metric, torch/numpy/python RNG states) and,
+  whenever the validation metric improves, the *best* model weights (the bundle's
+  ``models/<checkpoint_name>``). On ``Events.STARTED`` it loads the latest state again when
+  ``resume`` is true, so the epoch numbering, the optimizer moments and the best metric go on
+  where the interrupted run stopped.
+* :func:`check_resume` -- called in the configs' ``initialize`` (before any work): refuses to
+  silently retrain a phase whose saved state says it finished, and refuses to resume a state
+  saved with other data or settings.
+
+Resume files hold tensors and plain Python values only, so ``torch.load(weights_only=True)``
+reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+__all__ = [
+    "RESUME_FORMAT",
+    "PhaseFinishedError",
+    "ResumeError",
+    "TrainingCheckpointer",
+    "atomic_save",
+    "check_resume",
+    "file_digest",
+    "get_rng_states",
+    "load_resume_state",
+    "remove_stale_temporaries",
+    "set_rng_states",
+]
+
+logger = logging.getLogger("msf_monai.resume")
+
+RESUME_FORMAT = "msf_monai.resume"
+RESUME_VERSION = 1
+_TMP_PREFIX = ".tmp_"
+
+
+class ResumeError(SystemExit):
+    """A saved training state cannot be used (unreadable, other data or settings, fewer epochs
+    asked for than already trained). A ``SystemExit``: the user sees the message, exit status 1."""
+
+
+class PhaseFinishedError(SystemExit):
+    """The phase has already run to its end; re-running it would overwrite its models."""
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic files
+# ---------------------------------------------------------------------------------------------
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` atomically: temporary file in the same folder, flush, fsync,
+    ``os.replace``. The temporary file is removed if anything fails."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable (not possible on every platform)
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that :func:`atomic_save` of ``path`` leaves behind when the
+    process is killed in the middle of a save; returns the removed paths."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f"{_TMP_PREFIX}{path.name}.*"):
+            try:
+                tmp.unlink()
+                removed.append(str(tmp))
+            except OSError:
+                pass
+    if removed:
+        logger.info("removed %d unfinished temporary file(s) of an interrupted save: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-1 of a file's content (e.g. the Phase I model a Phase II state was made from)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# random number generators
+# ---------------------------------------------------------------------------------------------
+def get_rng_states() -> dict:
+    """torch (CPU and every CUDA device), numpy and python ``random`` states, as plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": _plain_tuple(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def _plain_tuple(value):
+    if isinstance(value, tuple):
+        return [_plain_tuple(v) for v in value]
+    return value
+
+
+def _as_tuple(value):
+    if isinstance(value, list):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+def set_rng_states(states: Mapping) -> None:
+    """Restore what :func:`get_rng_states` returned (CUDA states only where the devices exist)."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].cpu())
+    if "numpy" in states:
+        s = states["numpy"]
+        keys = np.asarray(s["keys"].numpy() if isinstance(s["keys"], torch.Tensor) else s["keys"], dtype=np.uint32)
+        np.random.set_state((s["kind"], keys, int(s["pos"]), int(s["has_gauss"]), float(s["cached_gaussian"])))
+    if "python" in states:
+        random.setstate(_as_tuple(states["python"]))
+    if states.get("cuda") and torch.cuda.is_available():
+        cuda = list(states["cuda"])[: torch.cuda.device_count()]
+        for i, s in enumerate(cuda):
+            torch.cuda.set_rng_state(s, i)
+
+
+# ---------------------------------------------------------------------------------------------
+# the resume check before any work
+# ---------------------------------------------------------------------------------------------
+def load_resume_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Read a resume file written by :class:`TrainingCheckpointer` or the Phase II flow fitter;
+    :class:`ResumeError` naming the file when it is not one."""
+    try:
+        state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure: the file is named
+        raise ResumeError(
+            f"cannot read the saved training state {path} ({type(err).__name__}: {err}). "
+            "Delete it, or run with --resume false to start this phase from scratch."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise ResumeError(f"{path} is not a saved training state of this toolkit; delete it or run with --resume false")
+    return state
+
+
+def _plain_settings(settings: Mapping | None) -> dict:
+    out = {}
+    for key, value in dict(settings or {}).items():
+        if isinstance(value, (os.PathLike,)):
+            value = os.fspath(value)
+        elif isinstance(value, (tuple, list)):
+            value = [v.item() if isinstance(v, np.generic) else v for v in value]
+        elif isinstance(value, np.generic):
+            value = value.item()
+        elif value is not None and not isinstance(value, (bool, int, float, str, dict)):
+            value = str(value)
+        out[str(key)] = value
+    return out
+
+
+def _differences(saved: Mapping, current: Mapping) -> list[str]:
+    return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
+def check_resume(
+    path: str | os.PathLike,
+    resume: bool = True,
+    max_epochs: int | None = None,
+    settings: Mapping | None = None,
+    on_mismatch: str = "error",
+    what: str = "this phase",
+) -> dict | None:
+    """Decide, before any work, what a run does with the saved state at ``path``.
+
+    Returns the state to resume from, or ``None`` to start from scratch (no state, ``resume``
+    false, or -- with ``on_mismatch="restart"`` -- a state saved with other ``settings``).
+    Raises :class:`PhaseFinishedError` when the state says the phase finished (and
+    ``max_epochs`` does not ask for more epochs), and :class:`ResumeError` when the state was
+    saved with other ``settings`` (``on_mismatch="error"``), when it has more epochs than
+    ``max_epochs``, or when it is unreadable.
+    """
+    if on_mismatch not in ("error", "restart"):
+        raise ValueError(f"on_mismatch must be 'error' or 'restart', got {on_mismatch!r}")
+    path = Path(path)
+    if not _as_bool(resume):
+        if path.is_file():
+            logger.info("--resume false: %s starts from scratch (the saved state %s will be replaced)", what, path)
+        return None
+    if not path.is_file():
+        return None
+    state = load_resume_state(path)
+    diff = _differences(state.get("settings", {}), _plain_settings(settings))
+    if diff:
+        if on_mismatch == "restart":
+            logger.warning("the saved state %s was made with other inputs or settings (%s); %s starts from scratch",
+                           path, "; ".join(diff), what)
+            return None
+        raise ResumeError(
+            f"the saved training state {path} was made with other data or settings ({'; '.join(diff)}). "
+            "Run with the settings of that run to continue it, or with --resume false to start this phase "
+            "from scratch (this replaces its models)."
+        )
+    epoch = int(state.get("epoch", 0))
+    if state.get("finished") and (max_epochs is None or int(max_epochs) <= epoch):
+        done = f" after {epoch} epochs" if max_epochs is not None else ""
+        raise PhaseFinishedError(
+            f"{what} has already finished{done} (saved state: {path}); its models are not overwritten. "
+            "To train it again from scratch, run the same command with --resume false"
+            + ("; to train it longer, give a larger --epochs." if max_epochs is not None else ".")
+        )
+    if max_epochs is not None and int(max_epochs) < epoch:
+        raise ResumeError(
+            f"the saved training state {path} is at epoch {epoch}, beyond --epochs {max_epochs}. "
+            "Give --epochs of at least that, or --resume false to start from scratch."
+        )
+    return state
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("true", "1", "yes", "y", "on"):
+            return True
+        if low in ("false", "0", "no", "n", "off"):
+            return False
+        raise ValueError(f"resume must be true or false, got {value!r}")
+    return bool(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the handler
+# ---------------------------------------------------------------------------------------------
+def _is_rank_zero() -> bool:
+    """True unless this is a non-zero rank of a torch.distributed process group: every rank
+    loads a saved state (they must agree), only rank 0 writes."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+class TrainingCheckpointer:
+    """Latest full training state every ``interval`` epochs, best model on every improvement,
+    and resume on start.
+
+    Attach to a MONAI ``SupervisedTrainer`` after its ``ValidationHandler`` (so that the
+    validation of an epoch has run when the epoch's checkpoint is written). In multi-GPU
+    training every rank loads the saved state and only rank 0 writes.
+
+    Args:
+        network, optimizer: trained objects (``state_dict``/``load_state_dict``).
+        path: the latest full training state (e.g. ``models/phase1_model_resume.pt``).
+        best_path: where the best model's weights go (a plain ``state_dict``, what the bundle's
+            ``CheckpointLoader`` and ``torch.load(weights_only=True)`` read); ``None``: not saved.
+        validator: the MONAI evaluator whose ``state.best_metric`` / ``best_metric_epoch`` say
+            when the key metric improved; restored on resume so a worse metric after the
+            restart never replaces the best model.
+        lr_scheduler: optional scheduler whose state is saved too.
+        interval: epochs between two saves of the latest state (the last epoch is always saved).
+        resume: load ``path`` on start when it exists (``False``: start from scratch and remove it).
+        settings: plain values (data folder, image size, ...) stored with the state;
+            :func:`check_resume` compares them before a resumed run.
+        map_location: where the loaded tensors go (default: the network's device).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        path: str | os.PathLike,
+        best_path: str | os.PathLike | None = None,
+        validator: Engine | None = None,
+        lr_scheduler: Any = None,
+        interval: int = 1,
+        resume: bool = True,
+        settings: Mapping | None = None,
+        map_location: Any = None,
+    ):
+        if int(interval) < 1:
+            raise ValueError(f"checkpoint_interval must be >= 1 epoch, got {interval}")
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.path = Path(path)
+        self.best_path = None if best_path is None else Path(best_path)
+        self.validator = validator
+        self.interval = int(interval)
+        self.resume = _as_bool(resume)
+        self.settings = _plain_settings(settings)
+        self.map_location = map_location
+        self.resumed_from: int | None = None
+        self._best_saved_epoch: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    # -- saving ----------------------------------------------------------------------------
+    def state(self, engine: Engine, finished: bool = False) -> dict:
+        """The full training state at the end of the engine's current epoch."""
+        val_state = getattr(self.validator, "state", None)
+        return {
+            "format": RESUME_FORMAT,
+            "version": RESUME_VERSION,
+            "finished": bool(finished),
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "max_epochs": None if engine.state.max_epochs is None else int(engine.state.max_epochs),
+            "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
+            "best_metric": None if val_state is None else float(getattr(val_state, "best_metric", -1)),
+            "best_metric_epoch": None if val_state is None else int(getattr(val_state, "best_metric_epoch", -1)),
+            "best_saved_epoch": self._best_saved_epoch,
+            "rng": get_rng_states(),
+            "settings": dict(self.settings),
+        }
+
+    def save(self, engine: Engine, finished: bool = False) -> None:
+        if not _is_rank_zero():
+            return
+        atomic_save(self.state(engine, finished), self.path)
+        logger.info("epoch %d: saved the training state to %s%s", engine.state.epoch, self.path,
+                    " (finished)" if finished else "")
+
+    def _save_best(self, engine: Engine) -> None:
+        state = getattr(self.validator, "state", None)
+        if self.best_path is None or state is None or not _is_rank_zero():
+            return
+        epoch = int(getattr(state, "best_metric_epoch", -1))
+        if epoch != engine.state.epoch or epoch == self._best_saved_epoch:
+            return
+        atomic_save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, self.best_path)
+        self._best_saved_epoch = epoch
+        name = getattr(state, "key_metric_name", None) or "key metric"
+        logger.info("epoch %d: new best %s %.4f, saved the model to %s", epoch, name, state.best_metric, self.best_path)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self._save_best(engine)
+        last = engine.state.max_epochs is not None and engine.state.epoch >= engine.state.max_epochs
+        if engine.state.epoch % self.interval == 0 and not last:  # the last one: completed()
+            self.save(engine)
+
+    def completed(self, engine: Engine) -> None:
+        self.save(engine, finished=True)
+
+    # -- resuming --------------------------------------------------------------------------
+    def started(self, engine: Engine) -> None:
+        if _is_rank_zero():
+            remove_stale_temporaries(self.path)
+            if self.best_path is not None:
+                remove_stale_temporaries(self.best_path)
+        if not self.resume:
+            if self.path.is_file() and _is_rank_zero():
+                self.path.unlink()
+                logger.info("--resume false: removed the previous training state %s; training from scratch", self.path)
+            return
+        if not self.path.is_file():
+            logger.info("no saved training state at %s: training from scratch", self.path)
+            return
+        state = load_resume_state(self.path, map_location="cpu")
+        self.load(engine, state)
+
+    def load(self, engine: Engine, state: Mapping) -> None:
+        """Put ``state`` (see :meth:`state`) back into the network, optimizer, engine, validator
+        and random number generators."""
+        device = self.map_location
+        if device is None:
+            device = next(self.network.parameters()).device
+        self.network.load_state_dict({k: v.to(device) for k, v in state["network"].items()})
+        self.optimizer.load_state_dict(state["optimizer"])  # moves the moments to the params' device
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        epoch = int(state["epoch"])
+        if engine.state.max_epochs is not None and epoch > engine.state.max_epochs:
+            raise ResumeError(f"the saved training state {self.path} is at epoch {epoch}, beyond max_epochs {engine.state.max_epochs}")
+        engine.state.epoch = epoch
+        engine.state.iteration = int(state["iteration"])
+        if self.validator is not None and state.get("best_metric") is not None:
+            self.validator.state.best_metric = float(state["best_metric"])
+            self.validator.state.best_metric_epoch = int(state["best_metric_epoch"])
+        self._best_saved_epoch = state.get("best_saved_epoch")
+        set_rng_states(state["rng"])
+        self.resumed_from = epoch
+        best = ""
+        if state.get("best_metric_epoch") is not None and int(state["best_metric_epoch"]) > 0:
+            best = f", best validation metric {float(state['best_metric']):.4f} at epoch {int(state['best_metric_epoch'])}"
+        logger.info("Resuming from %s at epoch %d of %s%s", self.path, epoch, engine.state.max_epochs, best)
