@@ -9,6 +9,7 @@
 * :class:`PerCaseDiceWriter` - evaluation: Dice per case (3-D volume or 2-D image) and
   per-site means, written as CSV and JSON.
 * :class:`DataWaitTimer` - training: how much of each epoch is spent waiting for data.
+* :class:`CaseProgressLogger` - inference/evaluation: one progress line per batch of cases.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "StylizedImageSaver",
     "PerCaseDiceWriter",
     "DataWaitTimer",
+    "CaseProgressLogger",
 ]
 
 logger = logging.getLogger("msf_monai.handlers")
@@ -482,3 +484,41 @@ class DataWaitTimer:
         self.history.append(record)
         logger.info("epoch %d: %.2f s, of which %.2f s (%.1f %%) waiting for data", record["epoch"], total, self._wait, 100 * record["data_wait_fraction"])
 
+
+class CaseProgressLogger:
+    """One log line per evaluator iteration: ``[done/total] case names (seconds so far)``.
+
+    For inference and evaluation, whose ``StatsHandler`` prints only the final metrics: the
+    user sees which case is being processed and how far the run is. Reads the case names from
+    the batch's ``case_key`` entry (or the image file names).
+    """
+
+    def __init__(self, case_key: str = "case", name: str = "case"):
+        self.case_key, self.name = case_key, name
+        self._start = 0.0
+        self._done = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _reset(self, engine: Engine) -> None:
+        self._start, self._done = time.perf_counter(), 0
+
+    def _names(self, batch) -> list[str]:
+        items = batch if isinstance(batch, list) else [batch]
+        names = []
+        for item in items:
+            value = item.get(self.case_key) if isinstance(item, dict) else None
+            if value is None and isinstance(item, dict):
+                meta = getattr(item.get(Keys.IMAGE), "meta", None) or {}
+                value = meta.get("filename_or_obj", "?")
+            values = value if isinstance(value, (list, tuple)) else [value]
+            names.extend(Path(str(v)).name for v in values)
+        return names
+
+    def __call__(self, engine: Engine) -> None:
+        names = self._names(engine.state.batch)
+        self._done += len(names)
+        total = len(engine.state.dataloader.dataset) if hasattr(engine.state.dataloader, "dataset") else "?"
+        logger.info("%s %d/%s: %s (%.1f s)", self.name, self._done, total, ", ".join(names), time.perf_counter() - self._start)

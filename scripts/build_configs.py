@@ -15,6 +15,10 @@ user runs ``python -m monai.bundle run --config_file bundles/<task>/configs/<pha
 and a packaged bundle needs nothing else. Only the ids a phase refers to are written.
 ``tests/test_bundle_configs.py`` fails when a generated file is out of date.
 
+Overlays (``OVERLAYS``: ``multi_gpu_train.json``) are not phases: they are merged on top of a
+phase config at run time (``--config_file "['.../phase1.json','.../multi_gpu_train.json']"``)
+and are the same for every task, so they are copied to each bundle unchanged.
+
     python scripts/build_configs.py            # write all bundles
     python scripts/build_configs.py --check    # exit 1 if any file is out of date
 """
@@ -38,6 +42,9 @@ PHASES = {
     "evaluate": ["evaluate.json"],
     "inference": ["inference.json"],
 }
+# overlays merged at run time on top of a phase config (e.g. multi-GPU training on Phase I or
+# III): the same for every task, written to each bundle as they are
+OVERLAYS = {"multi_gpu_train": "multi_gpu_train.json"}
 TASKS = ("prostate", "fundus")
 _REF = re.compile(r"@([A-Za-z_]\w*)")
 _LAST = ("initialize", "run")
@@ -104,9 +111,12 @@ def main(check: bool = False) -> int:
     stale = []
     for task in TASKS:
         folder = REPO / "bundles" / task / "configs"
-        for phase in PHASES:
+        outputs = {phase: lambda t=task, p=phase: dumps(render(t, p)) for phase in PHASES}
+        outputs.update({name: lambda f=file: dumps(json.loads((TEMPLATES / f).read_text(), object_pairs_hook=OrderedDict))
+                        for name, file in OVERLAYS.items()})
+        for phase, make in outputs.items():
             path = folder / f"{phase}.json"
-            text = dumps(render(task, phase))
+            text = make()
             if path.is_file() and path.read_text() == text:
                 continue
             stale.append(path)
