@@ -16,13 +16,16 @@ def test_generated_configs_are_up_to_date(capsys):
     assert _build_configs().main(check=True) == 0, capsys.readouterr().out
 
 
-def test_phase3_is_phase1_plus_the_mixstyleflow_overrides():
+def test_phase3_is_phase1_plus_the_method_overrides():
     build = _build_configs()
     for task in build.TASKS:
         p1, p3 = build.render(task, "phase1"), build.render(task, "phase3")
         assert p1["train"]["iteration"]["_target_"] == "msf_monai.engines.DualDecoderIteration"
-        assert p3["train"]["iteration"]["_target_"] == "msf_monai.engines.MixStyleFlowIteration"
-        assert "image_decoder_styles" in p3["network_def"] and "image_decoder_styles" not in p1["network_def"]
+        # phase3 builds the step and the style layers of the chosen method (default MixStyleFlow)
+        assert p3["style_method"] == "mixstyleflow"
+        assert "@dg_method.iteration(" in p3["train"]["iteration"]
+        assert "@dg_method.image_decoder_styles(" in p3["network_def"]["image_decoder_styles"]
+        assert "image_decoder_styles" not in p1["network_def"]
         # everything else about the data and validation is shared
         assert p1["train_dataset"] == p3["train_dataset"] and p1["validate"] == p3["validate"]
         # every id a phase refers to is defined in it
