@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from evaluate import as_list, bundle_dir, config_value, evaluate_checkpoints, run_config, write_table  # noqa: E402
 
-TRAINING_ONLY = ("epochs", "lr", "val_interval", "train_fraction", "style_p", "maxstyle_steps", "maxstyle_lr")
+TRAINING_ONLY = ("epochs", "lr", "val_interval", "train_fraction", "style_p", "maxstyle_steps", "maxstyle_lr", "resume")
 
 
 def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", seeds="0", fraction: float = 1.0,
@@ -45,7 +45,8 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         source_site: the training domain (default: the bundle's default for the dataset).
         flow_epochs: Phase II flow-fitting epochs (default: phase2.json's).
         gallery: write the stylized-image gallery for the first seed.
-        reuse: skip training and evaluation runs whose outputs already exist.
+        reuse: continue an interrupted benchmark: skip runs whose outputs exist, resume unfinished
+            training runs from their checkpoints (otherwise every run starts fresh).
         overrides: other config ids for every run (``--dataset_dir``, ``--epochs``, ``--image_size``, ...).
     """
     from msf_monai.methods import get_method
@@ -78,7 +79,9 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
     for si, seed in enumerate(seed_list):
         run_dir = work / f"seed{seed}"
         models, logs = run_dir / "models", run_dir / "logs"
-        base = {**common, "seed": seed, "train_fraction": fraction, "ckpt_dir": str(models)}
+        # --reuse continues an interrupted benchmark (finished runs skipped, unfinished ones
+        # resumed from their training checkpoints); otherwise every run starts fresh
+        base = {**common, "seed": seed, "train_fraction": fraction, "ckpt_dir": str(models), "resume": bool(reuse)}
         tag = f"[seed {seed} ({si + 1}/{len(seed_list)}), {time.time() - start:.0f} s]"
         checkpoints: dict[str, Path] = {}
         needs_phase1 = any(m.name in ("none", "mixstyleflow") for m in chosen) or (gallery and si == 0)
