@@ -44,6 +44,14 @@ def _assert_outputs(bundle, n_eval_cases: int, sites: set[str]):
     assert len(rows) == n_eval_cases
     assert len({(r["site"], r["case"]) for r in rows}) == n_eval_cases
     assert all(0.0 <= float(r["prostate"]) <= 1.0 for r in rows)
+    # style-shift: threshold calibrated on the source validation cases (Phase II), a score per
+    # evaluated case (evaluation), flagged exactly when above the threshold
+    calibration = json.loads((models / "style_shift.json").read_text())
+    assert calibration["n_cases"] >= 1 and np.isfinite(calibration["threshold"])
+    with open(bundle / "eval" / "style_shift.csv") as f:
+        shift = list(csv.DictReader(f))
+    assert len(shift) == n_eval_cases and {r["site"] for r in shift} == sites
+    assert all(int(r["flag"]) == int(float(r["score"]) > float(r["threshold"])) for r in shift)
     summary = json.loads((bundle / "eval" / "model_summary.json").read_text())
     assert set(summary["sites"]) == sites
     for site, s in summary["sites"].items():

@@ -1,0 +1,147 @@
+"""scripts/package_bundle.py and the style-shift score: a model-zoo archive of a (tiny) trained
+prostate bundle, unpacked elsewhere, runs inference with masks on the original grid and a
+style-shift score per case."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+import zipfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bundle_utils import REPO, check, copy_bundle
+from msf_monai.data import generate_demo_prostate, image_files
+from msf_monai.flows import StyleFlowBank
+from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
+from msf_monai.style_shift import StyleShiftScorer, StyleShiftWriter, calibrate_style_shift, image_slices
+from msf_monai.transforms import prostate_preprocessing
+
+SIZE = 32
+
+
+def _package_module():
+    spec = importlib.util.spec_from_file_location("package_bundle", REPO / "scripts" / "package_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_trained_models(models, source_items):
+    """Random-weight networks and flows fitted (briefly) on the Phase I network's statistics of
+    the source images, plus the calibration: what Phases I-III leave in models/."""
+    torch.manual_seed(0)
+    models.mkdir(parents=True)
+    phase1 = DualDecoderNet().eval()
+    torch.save(phase1.state_dict(), models / "phase1_model.pt")
+    torch.save(SegmentationOnlyNet().state_dict(), models / "model.pt")
+    pre = prostate_preprocessing(SIZE, keys=["image"])
+    images = torch.cat([image_slices(pre(dict(it))["image"]) for it in source_items])
+    with torch.no_grad():
+        _, feats = phase1.reconstruct(phase1.encode(images.float()), return_features=True)
+    stats = {k: {"mean": feats[k].mean(dim=(2, 3)), "var": feats[k].var(dim=(2, 3), unbiased=False)} for k in (2, 3, 4)}
+    bank = StyleFlowBank({2: 32, 3: 16, 4: 16})
+    bank.fit(stats, epochs=2, lr=1e-3, batch_size=8)
+    bank.save(models / "style_flows.pt", image_size=SIZE)
+    return phase1, pre
+
+
+def test_scores_are_the_flows_negative_log_likelihood_per_statistic():
+    torch.manual_seed(0)
+    net = DualDecoderNet().eval()
+    x = torch.rand(6, 1, SIZE, SIZE)
+    with torch.no_grad():
+        _, feats = net.reconstruct(net.encode(x), return_features=True)
+    stats = {k: {"mean": feats[k].mean(dim=(2, 3)), "var": feats[k].var(dim=(2, 3), unbiased=False)} for k in (2, 3, 4)}
+    bank = StyleFlowBank({2: 32, 3: 16, 4: 16})
+    bank.fit(stats, epochs=1, batch_size=6, val_fraction=0.0)
+    scorer = StyleShiftScorer(net, bank, batch_size=4)
+    expected = sum(-bank.log_prob(k, stats[k]["mean"], stats[k]["var"]) / (2 * c) for k, c in bank.layer_channels.items()) / 3
+    torch.testing.assert_close(scorer.slice_scores(x), expected, rtol=1e-4, atol=1e-4)
+    # a volume [C, H, W, D] is scored slice by slice: the case score is the median
+    volume = x.permute(1, 2, 3, 0)
+    score, n = scorer.case_score(volume)
+    assert n == 6 and score == pytest.approx(float(expected.median()), rel=1e-4, abs=1e-4)
+    # images of another size are resized to the calibrated size first
+    scorer32 = StyleShiftScorer(net, bank, image_size=SIZE)
+    big = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.isfinite(scorer32.slice_scores(big)).all()
+
+
+def test_writer_without_phase2_files_warns_and_writes_no_scores(tmp_path, caplog):
+    writer = StyleShiftWriter(tmp_path / "phase1_model.pt", tmp_path / "style_flows.pt", tmp_path / "style_shift.json",
+                              tmp_path / "out.csv", how_to_create="python -m monai.bundle run --config_file x/phase2.json")
+
+    class _State:
+        device = "cpu"
+
+    class _Engine:
+        state = _State()
+
+    with caplog.at_level(logging.WARNING, logger="msf_monai.style_shift"):
+        writer._start(_Engine())
+    assert "style_flows.pt" in caplog.text and "phase2.json" in caplog.text and "--style_shift false" in caplog.text
+    writer._write(_Engine())
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_packaging_an_untrained_bundle_fails_clearly(tmp_path):
+    bundle = copy_bundle("prostate", tmp_path)
+    with pytest.raises(SystemExit) as err:
+        _package_module().package(bundle_root=str(bundle), output_dir=str(tmp_path))
+    assert "model.pt" in str(err.value) and "phase1.json" in str(err.value)
+
+
+def test_packaged_archive_runs_inference_anywhere(tmp_path):
+    data = tmp_path / "data"
+    generate_demo_prostate(data, cases_per_site={"SiteA": 3, "SiteB": 2}, sites=["SiteA", "SiteB"], shape=(40, 40, 4))
+    bundle = copy_bundle("prostate", tmp_path / "repo")
+    source = [d for d in image_files(data / "SiteA")]
+    phase1, pre = _tiny_trained_models(bundle / "models", source)
+    calibration = calibrate_style_shift(phase1, bundle / "models" / "style_flows.pt", bundle / "models" / "phase1_model.pt",
+                                        source, pre, bundle / "models" / "style_shift.json", image_size=SIZE, quantile=0.5)
+    assert calibration["n_cases"] == 3 and np.isfinite(calibration["threshold"])
+
+    archive = _package_module().package(bundle_root=str(bundle), output_dir=str(tmp_path / "dist"))
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+    for name in ("configs/metadata.json", "configs/inference.json", "configs/multi_gpu_train.json", "docs/README.md",
+                 "LICENSE", "models/model.pt", "models/phase1_model.pt", "models/style_flows.pt", "models/style_shift.json"):
+        assert f"prostate/{name}" in names, name
+    # the training size (recorded by Phase II) replaces the demo/real default
+    with zipfile.ZipFile(archive) as zf:
+        assert json.loads(zf.read("prostate/configs/inference.json"))["image_size"] == SIZE
+
+    elsewhere = tmp_path / "hospital"
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(elsewhere)
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(elsewhere / "prostate" / "configs" / "inference.json"),
+         "--input_dir", str(data / "SiteB")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    out = check(proc)
+    assert "case 2/2" in out  # progress per case
+    results = elsewhere / "prostate" / "inference"
+    for item in image_files(data / "SiteB"):
+        image = nib.load(item["image"])
+        mask = nib.load(results / f"{item['case']}_seg.nii.gz")
+        assert mask.shape == image.shape
+        np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    with open(results / "style_shift.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["case"] for r in rows) == sorted(it["case"] for it in image_files(data / "SiteB"))
+    for r in rows:
+        assert np.isfinite(float(r["score"])) and int(r["n_images"]) == 4
+        assert int(r["flag"]) == int(float(r["score"]) > float(r["threshold"]))
+    # nothing was generated: no demo data in the unpacked bundle nor beside it
+    assert not (elsewhere / "prostate" / "demo_data").exists()
