@@ -48,6 +48,7 @@ __all__ = [
     "prepare_network",
     "rank_zero_handlers",
     "rank_zero_only_types",
+    "validation_sampler",
     "GradientSync",
 ]
 
@@ -109,6 +110,18 @@ def prepare_network(network: nn.Module) -> nn.Module:
         for tensor in list(network.parameters()) + list(network.buffers()):
             dist.broadcast(tensor.data, src=0)
     return network
+
+
+def validation_sampler(dataset):
+    """Each rank's share of the validation cases, without padding (no case counted twice in the
+    all-gathered metric); padded by repeating cases only when there are fewer cases than ranks,
+    since a rank without any case cannot run an evaluation."""
+    from monai.data import DistributedSampler
+
+    n = world_size()
+    if len(dataset) < n:
+        logger.warning("%d validation case(s) for %d processes: some cases are validated twice", len(dataset), n)
+    return DistributedSampler(dataset, even_divisible=len(dataset) < n, shuffle=False)
 
 
 def rank_zero_only_types() -> tuple[type, ...]:

@@ -172,7 +172,8 @@ def calibrate_style_shift(
     source_site: str | None = None,
 ) -> dict:
     """Score the source validation cases and save the threshold (the ``quantile`` of their case
-    scores) with the scores to ``output_path`` (JSON). Returns the saved dictionary.
+    scores) with the scores to ``output_path`` (JSON). Returns the saved dictionary
+    (empty, with a warning and no file written, when ``val_list`` is empty).
 
     ``network`` must hold the Phase I weights of ``phase1_checkpoint`` (Phase II's network);
     ``preprocessing`` is the training preprocessing (applied to each item of ``val_list``).
@@ -180,8 +181,9 @@ def calibrate_style_shift(
     if not 0.0 < float(quantile) <= 1.0:
         raise ValueError(f"style_shift_quantile must be in (0, 1], got {quantile}")
     if not val_list:
-        raise ValueError("style-shift calibration needs source validation cases, the validation split is empty "
-                         "(raise val_fraction)")
+        logger.warning("no style-shift calibration: the source validation split is empty (raise val_fraction); "
+                       "inference will write masks without style-shift scores")
+        return {}
     bank = StyleFlowBank.load(flow_checkpoint, map_location=next(network.parameters()).device)
     scorer = StyleShiftScorer(network, bank, image_size=image_size, batch_size=batch_size)
     cases = []
