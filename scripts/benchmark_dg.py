@@ -73,7 +73,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
             print(f"  {label}: reusing {done}", flush=True)
             return
         t0 = time.time()
-        run_config(root, config, args, log, label)
+        run_config(root, config, args, log, f"{label} (benchmark at {t0 - start:.0f} s)")
         record["runs"].append({"run": label, "config": config, "seconds": round(time.time() - t0, 1)})
 
     for si, seed in enumerate(seed_list):
@@ -82,7 +82,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         # --reuse continues an interrupted benchmark (finished runs skipped, unfinished ones
         # resumed from their training checkpoints); otherwise every run starts fresh
         base = {**common, "seed": seed, "train_fraction": fraction, "ckpt_dir": str(models), "resume": bool(reuse)}
-        tag = f"[seed {seed} ({si + 1}/{len(seed_list)}), {time.time() - start:.0f} s]"
+        tag = f"[seed {seed} ({si + 1}/{len(seed_list)})]"
         checkpoints: dict[str, Path] = {}
         needs_phase1 = any(m.name in ("none", "mixstyleflow") for m in chosen) or (gallery and si == 0)
         if needs_phase1:
