@@ -113,11 +113,11 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
     return removed
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-1 of a file's content (e.g. the Phase I model a Phase II state was made from)."""
+def file_digest(path: str | os.PathLike, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's content (e.g. the Phase I model a Phase II state was made from)."""
     import hashlib
 
-    h = hashlib.sha1()
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)

@@ -36,7 +36,6 @@ scorer refuses a Phase I checkpoint or a flow file other than the ones calibrate
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -67,11 +66,9 @@ CALIBRATION_FORMAT = "msf_monai.style_shift/1"
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file (identifies the checkpoints a calibration belongs to)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from .resume import file_digest
+
+    return file_digest(path, "sha256")
 
 
 def image_slices(image: torch.Tensor | np.ndarray) -> torch.Tensor:
