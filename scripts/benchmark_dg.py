@@ -116,8 +116,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
                              **{k: v for k, v in base.items() if k not in TRAINING_ONLY + ("ckpt_dir", "seed")})
             except SystemExit as err:  # a gallery problem must not lose the benchmark's results
                 print(f"gallery skipped: {err}")
-        print(write_table(results if si == len(seed_list) - 1 else {k: v for k, v in results.items() if v}, work, source,
-                          f"{root.name}: Dice per domain ({len(results[chosen[0].title])} seed(s))"), flush=True)
+        print(write_table(results, work, source, f"{root.name}: Dice per domain ({si + 1} seed(s))"), flush=True)
 
     record["total_seconds"] = round(time.time() - start, 1)
     (work / "benchmark.json").write_text(json.dumps(record, indent=1, default=str) + "\n")

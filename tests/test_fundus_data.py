@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bundle_utils import SHARED_DATA
 from msf_monai.data import (
     DEMO_FUNDUS_DOMAINS,
     DEMO_FUNDUS_SOURCE_DOMAIN,
@@ -39,7 +40,6 @@ from msf_monai.fundus_transforms import (
     fundus_preprocessing,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DRISHTI = SHARED_DATA / "fundus_drishti_gs"
 SMALL = 64
 COUNTS = (8, 4)  # train, test per domain in the small demo

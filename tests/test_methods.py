@@ -149,7 +149,8 @@ def test_a_baseline_trains_end_to_end_through_the_bundle(tmp_path):
     """``--style_method dsu`` needs no Phase I/II outputs and writes its own checkpoint."""
     target = copy_bundle("prostate", tmp_path)
     out = check(run_bundle(tmp_path, "phase3", "--style_method", "dsu", "--image_size", "32", "--epochs", "1", "--batch_size", "8"))
-    assert "Epoch[1]" in out or "epoch" in out.lower()
+    assert "Epoch[1] Complete" in out
+    assert (target / "logs" / "phase3_dsu").is_dir() and not (target / "logs" / "phase3").exists()
     ckpt = target / "models" / "model_dsu.pt"
     assert ckpt.is_file() and not (target / "models" / "model.pt").exists()
     SegmentationOnlyNet().load_state_dict(torch.load(ckpt, weights_only=True), strict=True)

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bundle_utils import SHARED_DATA
 from msf_monai.data import (
     DEMO_SITES,
     DEMO_SOURCE_SITE,
@@ -29,7 +30,6 @@ from msf_monai.data import (
 )
 from msf_monai.data import synthetic_prostate as sp
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NCI = SHARED_DATA / "prostate_nci_isbi"
 SMALL = (40, 40, 12)
 

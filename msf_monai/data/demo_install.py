@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["install_generated", "write_demo_info", "listed_files_exist"]
+__all__ = ["install_generated", "write_demo_info", "listed_files_exist", "absolute_items"]
 
 logger = logging.getLogger("msf_monai.data")
 
@@ -76,3 +76,8 @@ def write_demo_info(root: Path, info: dict, filename: str) -> None:
 def listed_files_exist(root: Path, info: dict) -> bool:
     """Whether every image and label listed in ``info["items"]`` (relative paths) exists."""
     return all((root / it["image"]).is_file() and (root / it["label"]).is_file() for it in info.get("items", []))
+
+
+def absolute_items(root: Path, info: dict) -> list[dict]:
+    """The items of ``info`` (relative paths, as stored) with absolute image and label paths."""
+    return [{**it, "image": str(Path(root) / it["image"]), "label": str(Path(root) / it["label"])} for it in info["items"]]

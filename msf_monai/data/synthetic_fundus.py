@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .demo_install import install_generated, listed_files_exist, write_demo_info
+from .demo_install import absolute_items, install_generated, listed_files_exist, write_demo_info
 from .synthetic_prostate import DEMO_INFO_FILE, demo_info
 
 __all__ = [
@@ -551,8 +551,7 @@ def generate_demo_fundus(root, seed: int = 0, images_per_domain=None, size: int 
 
 def _summary(root: Path, info: Mapping, seconds: float | None = None) -> dict:
     root = Path(root)
-    items = [{**it, "image": str(root / it["image"]), "label": str(root / it["label"])}
-             for it in info["items"]]
+    items = absolute_items(root, info)
     params = info["params"]
     return {"root": str(root), "domains": list(params["domains"]),
             "source_domain": params["source_domain"],

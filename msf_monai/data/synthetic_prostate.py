@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .demo_install import install_generated, listed_files_exist, write_demo_info
+from .demo_install import absolute_items, install_generated, listed_files_exist, write_demo_info
 
 __all__ = [
     "DEMO_SOURCE_SITE",
@@ -566,8 +566,7 @@ def generate_demo_prostate(root, seed: int = 0, cases_per_site=None, shape=DEFAU
 
 def _summary(root: Path, info: Mapping, seconds: float | None = None) -> dict:
     root = Path(root)
-    items = [{**it, "image": str(root / it["image"]), "label": str(root / it["label"])}
-             for it in info["items"]]
+    items = absolute_items(root, info)
     params = info["params"]
     return {"root": str(root), "sites": list(params["sites"]), "source_site": params["source_site"],
             "cases_per_site": dict(params["cases_per_site"]), "items": items,
