@@ -46,10 +46,11 @@ class PhaseError(SystemExit):
     """A phase stopped on a problem it explains (e.g. a diverged flow fit); message only, exit 1."""
 
 
-def check_settings(image_size=None, style_layers=None, temperatures=None) -> bool:
+def check_settings(image_size=None, style_layers=None, temperatures=None, style_source="image_decoder") -> bool:
     """Check settings that would otherwise fail deep inside a run; one :class:`ConfigValueError`
     naming every bad one. ``image_size`` must be a positive multiple of 16 (the networks
-    downsample by 16); ``temperatures`` needs one value per entry of ``style_layers``."""
+    downsample by 16); ``style_layers`` are image-decoder layers 1..4 (or encoder stages 0..4
+    for ``style_source="encoder"``); ``temperatures`` needs one value per entry of ``style_layers``."""
     problems = []
     if image_size is not None:
         try:
@@ -62,9 +63,10 @@ def check_settings(image_size=None, style_layers=None, temperatures=None) -> boo
                             f"(the networks halve the image 4 times), e.g. 32, 96, 384")
     if style_layers is not None:
         layers = list(style_layers) if isinstance(style_layers, (list, tuple)) else [style_layers]
-        bad = [k for k in layers if not (isinstance(k, int) and 1 <= k <= 4)]
+        low, what, example = (0, "encoder stages", "[1, 2, 3]") if style_source == "encoder" else (1, "image-decoder layers", "[2, 3, 4]")
+        bad = [k for k in layers if not (isinstance(k, int) and low <= k <= 4)]
         if bad or not layers or len(set(layers)) != len(layers):
-            problems.append(f"--style_layers {style_layers!r}: must be distinct image-decoder layers from 1 to 4, e.g. [2, 3, 4]")
+            problems.append(f"--style_layers {style_layers!r}: must be distinct {what} from {low} to 4, e.g. {example}")
         if temperatures is not None:
             temps = list(temperatures) if isinstance(temperatures, (list, tuple)) else [temperatures]
             if len(temps) != len(layers):

@@ -29,6 +29,8 @@ __all__ = [
     "add_image_noise",
     "rescale_to_reference",
     "frozen_batchnorm_statistics",
+    "batchnorm_affine_frozen",
+    "style_layer_shifts",
     "DualDecoderIteration",
     "StylizedBatchIteration",
     "MixStyleFlowIteration",
@@ -52,13 +54,32 @@ def rescale_to_reference(x: torch.Tensor, reference: torch.Tensor, eps: float = 
     return (x - x_min) / (x_max - x_min).clamp_min(eps) * (r_max - r_min) + r_min
 
 
+def _batchnorms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def batchnorm_affine_frozen(net: nn.Module) -> Iterator[None]:
+    """Within the block, batch-norm weights and biases get no gradient (``requires_grad`` off,
+    restored afterwards): the reference code's stylized pass trains every other parameter but
+    leaves the batch-norm affine parameters to the clean batch."""
+    params = [t for m in _batchnorms(net) for t in (m.weight, m.bias) if t is not None and t.requires_grad]
+    try:
+        for t in params:
+            t.requires_grad_(False)
+        yield
+    finally:
+        for t in params:
+            t.requires_grad_(True)
+
+
 @contextlib.contextmanager
 def frozen_batchnorm_statistics(net: nn.Module) -> Iterator[None]:
     """Within the block, batch-norm layers still normalise with batch statistics (training mode)
     but leave their running statistics unchanged: for extra forward passes that must not count
-    as training data (MaxStyle's adversarial steps)."""
+    as training data (the stylized pass, MaxStyle's adversarial steps, Phase II statistics)."""
     saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+             for m in _batchnorms(net)]
     try:
         for m, _, _ in saved:
             m.momentum = 0.0
@@ -68,6 +89,26 @@ def frozen_batchnorm_statistics(net: nn.Module) -> Iterator[None]:
             m.momentum = momentum
             if tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
+
+
+def style_layer_shifts(net: nn.Module) -> dict[str, float]:
+    """``{"<where><index>_<stat>": shift}`` of every style layer that measured its last
+    perturbation (:attr:`msf_monai.styles.MixStyleFlow.last_shift`), e.g. ``"dec2_mean"``."""
+    out = {}
+    for where, tag in (("encoder_styles", "enc"), ("image_decoder_styles", "dec")):
+        for index, layer in getattr(net, where, {}).items():
+            shift = getattr(layer, "last_shift", None)
+            if shift:
+                out.update({f"{tag}{index}_{k}": v for k, v in shift.items()})
+    return out
+
+
+def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over images of ``||a - b|| / ||b - mean(b)||``: how far ``a`` is from ``b`` relative
+    to ``b``'s own contrast (0 = identical)."""
+    a, b = a.detach().float().flatten(1), b.detach().float().flatten(1)
+    spread = (b - b.mean(1, keepdim=True)).norm(dim=1).clamp_min(1e-6)
+    return float(((a - b).norm(dim=1) / spread).mean())
 
 
 class DualDecoderIteration:
@@ -110,14 +151,18 @@ class DualDecoderIteration:
             self.input_style.train()
             x = self.input_style(inputs)
             engine.state.output["stylized"] = x.detach()
-        seg, rec = net(add_image_noise(x, self.noise_std))
+        out = net(add_image_noise(x, self.noise_std))
+        seg, rec = out if isinstance(out, (tuple, list)) else (out, None)  # a segmentation-only net has no image decoder
         engine.state.output[Keys.PRED] = seg
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         seg_loss = engine.loss_function(seg, targets).mean()
-        rec_loss = self.rec_loss(rec, inputs)
+        rec_loss = self.rec_loss(rec, inputs) if rec is not None else seg_loss.new_zeros(())
         loss = self.seg_weight * seg_loss + self.rec_weight * rec_loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         backward(loss)
+        shifts = style_layer_shifts(net)
+        if shifts:
+            engine.state.perturbation = shifts
         return {"seg_loss": seg_loss, "rec_loss": rec_loss, Keys.LOSS: loss}
 
     def __call__(self, engine, batchdata: dict) -> dict:
@@ -155,22 +200,79 @@ class StylizedBatchIteration(DualDecoderIteration):
 
     1. As Phase I on the (noised) clean batch: ``seg(clean) + rec(clean)``.
     2. :meth:`stylize` makes the stylized batch from the detached latent code with the image
-       decoder's style layers; it is rescaled to each input image's intensity range and detached.
+       decoder's style layers (a decoding ``D(z, styled)``), composed by :meth:`compose` and
+       rescaled to each input image's intensity range, detached.
     3. The stylized batch goes through the whole network: ``seg(stylized)`` against the same
        label and ``rec(stylized -> clean image)``.
 
     ``loss = seg(clean) + rec(clean) + stylized_weight * (seg(stylized) + rec(stylized))``
     (the papers use weight 1 for all four terms). ``engine.state.output["stylized"]`` holds the
-    stylized batch for image logging. Subclasses implement :meth:`stylize`.
+    stylized batch for image logging, ``engine.state.perturbation`` its size (see
+    :meth:`measure`; on the state, not in the output, which MONAI decollates per image). Subclasses implement :meth:`stylize`.
+
+    Args:
+        stylized_weight: weight of the two stylized terms.
+        stylized_bn: how batch norm treats the stylized batch. ``"frozen"`` (default, as the
+            reference code): making the stylized image and the stylized pass leave every
+            running mean/variance unchanged, and the stylized pass gives the batch-norm weights
+            and biases no gradient, so evaluation normalises with statistics of real images
+            only. ``"train"``: both update batch norm like a clean batch (this package before
+            0.3).
+        stylize_mode: ``"decoded"`` (paper): the stylized image is the styled decoding itself.
+            ``"residual"`` (new, neither paper nor reference code): only what the style change
+            does to the decoding is added to the sharp input, ``x + D(z, styled) - D(z)``, so
+            the network sees the image's real detail in a new style instead of the decoder's
+            blurred copy.
     """
 
-    def __init__(self, stylized_weight: float = 1.0, **kwargs):
+    STYLIZED_BN = ("frozen", "train")
+    STYLIZE_MODES = ("decoded", "residual")
+
+    def __init__(self, stylized_weight: float = 1.0, stylized_bn: str = "frozen", stylize_mode: str = "decoded", **kwargs):
         super().__init__(**kwargs)
         self.stylized_weight = float(stylized_weight)
+        if stylized_bn not in self.STYLIZED_BN:
+            raise ValueError(f"stylized_bn must be one of {self.STYLIZED_BN}, got {stylized_bn!r}")
+        if stylize_mode not in self.STYLIZE_MODES:
+            raise ValueError(f"stylize_mode must be one of {self.STYLIZE_MODES}, got {stylize_mode!r}")
+        self.stylized_bn, self.stylize_mode = stylized_bn, stylize_mode
 
-    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The stylized batch (same shape and intensity range as ``inputs``, no gradient)."""
+    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, rec: torch.Tensor | None = None) -> torch.Tensor:
+        """The stylized batch (same shape and intensity range as ``inputs``, no gradient);
+        ``rec`` is the clean decoding ``D(z)`` (detached), for :meth:`compose`."""
         raise NotImplementedError
+
+    def compose(self, decoding: torch.Tensor, inputs: torch.Tensor, rec: torch.Tensor | None) -> torch.Tensor:
+        """The stylized image from a styled decoding (see ``stylize_mode``), rescaled to each input
+        image's intensity range. ``rec`` (the clean decoding) is needed in residual mode only."""
+        decoding = decoding.float()
+        if self.stylize_mode == "residual":
+            if rec is None:
+                raise ValueError("stylize_mode 'residual' needs the clean decoding D(z) (rec)")
+            decoding = inputs.float() + (decoding - rec.float())
+        return rescale_to_reference(decoding, inputs)
+
+    def _bn_context(self, net: nn.Module, affine: bool = False):
+        """Batch-norm handling for passes over stylized images (see ``stylized_bn``)."""
+        if self.stylized_bn == "train":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(frozen_batchnorm_statistics(net))
+        if affine:
+            stack.enter_context(batchnorm_affine_frozen(net))
+        return stack
+
+    def measure(self, net: nn.Module, stylized: torch.Tensor, inputs: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
+        """How strong the perturbation is: ``image_change`` = relative distance of the stylized
+        batch from its un-stylized counterpart (the same composition with no style applied: the
+        rescaled reconstruction, or the input itself in residual mode); ``blur`` = relative
+        distance of that counterpart from the input (0 in residual mode); plus each style
+        layer's statistics shift (:func:`style_layer_shifts`)."""
+        with torch.no_grad():
+            unstyled = self.compose(rec, inputs, rec)
+            out = {"image_change": _relative_distance(stylized, unstyled), "blur": _relative_distance(unstyled, inputs)}
+        out.update(style_layer_shifts(net))
+        return out
 
     def forward_backward(self, engine, inputs: torch.Tensor, targets: torch.Tensor, backward) -> dict[str, torch.Tensor]:
         net = engine.network
@@ -183,16 +285,19 @@ class StylizedBatchIteration(DualDecoderIteration):
         # back-propagate the clean terms before the stylized pass: the same summed gradient,
         # but the two passes' activations are never held at the same time (half the peak memory)
         backward(clean)
-        stylized = self.stylize(engine, z.detach(), inputs, targets).detach()
-        seg_s, rec_s = net(stylized)
-        engine.state.output[Keys.PRED] = seg
-        engine.state.output["stylized"] = stylized
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        terms["seg_loss_stylized"] = engine.loss_function(seg_s, targets).mean()
-        terms["rec_loss_stylized"] = self.rec_loss(rec_s, inputs)
-        styled = self.seg_weight * terms["seg_loss_stylized"] + self.rec_weight * terms["rec_loss_stylized"]
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        backward(self.stylized_weight * styled)
+        with self._bn_context(net):
+            stylized = self.stylize(engine, z.detach(), inputs, targets, rec.detach()).detach()
+        engine.state.perturbation = self.measure(net, stylized, inputs, rec.detach())
+        with self._bn_context(net, affine=True):
+            seg_s, rec_s = net(stylized)
+            engine.state.output[Keys.PRED] = seg
+            engine.state.output["stylized"] = stylized
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            terms["seg_loss_stylized"] = engine.loss_function(seg_s, targets).mean()
+            terms["rec_loss_stylized"] = self.rec_loss(rec_s, inputs)
+            styled = self.seg_weight * terms["seg_loss_stylized"] + self.rec_weight * terms["rec_loss_stylized"]
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            backward(self.stylized_weight * styled)
         terms[Keys.LOSS] = clean.detach() + self.stylized_weight * styled.detach()
         return terms
 
@@ -202,9 +307,9 @@ class MixStyleFlowIteration(StylizedBatchIteration):
     output on the detached latent code with its MixStyleFlow layers active (styles sampled from
     the fitted flows, normally after layers 2, 3, 4), computed without gradient."""
 
-    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, rec: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
-            return rescale_to_reference(engine.network.reconstruct(z, stylize=True).float(), inputs)
+            return self.compose(engine.network.reconstruct(z, stylize=True), inputs, rec)
 
 
 class MaxStyleIteration(StylizedBatchIteration):
@@ -221,17 +326,17 @@ class MaxStyleIteration(StylizedBatchIteration):
             raise ValueError(f"MaxStyle needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
         self.steps, self.lr = int(steps), float(lr)
 
-    def _generate(self, net, z: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        return rescale_to_reference(net.reconstruct(z, stylize=True).float(), inputs)
+    def _generate(self, net, z: torch.Tensor, inputs: torch.Tensor, rec: torch.Tensor | None) -> torch.Tensor:
+        return self.compose(net.reconstruct(z, stylize=True), inputs, rec)
 
-    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, rec: torch.Tensor | None = None) -> torch.Tensor:
         net = engine.network
         layers = [m for m in net.image_decoder_styles.values() if hasattr(m, "style_parameters")]
         for layer in layers:
             layer.reset()
         try:
             with frozen_batchnorm_statistics(net):
-                stylized = self._generate(net, z, inputs)
+                stylized = self._generate(net, z, inputs, rec)
                 params = [t for layer in layers for t in layer.style_parameters()]
                 if not params or self.steps == 0:  # no layer active for this batch: nothing to search
                     return stylized.detach()
@@ -243,7 +348,7 @@ class MaxStyleIteration(StylizedBatchIteration):
                         t.grad = torch.zeros_like(t) if g is None else g
                     optimizer.step()
                     with torch.set_grad_enabled(step < self.steps - 1):
-                        stylized = self._generate(net, z, inputs)
+                        stylized = self._generate(net, z, inputs, rec)
             return stylized.detach()
         finally:
             for layer in layers:

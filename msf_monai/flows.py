@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_TEMPERATURES",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "DEFAULT_GUARD_RANGE",
 ]
 
 _LOGGER = logging.getLogger("msf_monai.flows")
@@ -56,7 +57,10 @@ _LOGGER = logging.getLogger("msf_monai.flows")
 #: Sampling temperatures of the paper for image-decoder layers 2, 3 and 4 (others: 1.0).
 DEFAULT_TEMPERATURES: dict[int, float] = {2: 3.5, 3: 2.5, 4: 1.5}
 CHECKPOINT_FORMAT = "msf_monai.StyleFlowBank"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the observed range of the fitted statistics (relative sampling guard)
+#: Default of :attr:`StyleFlowBank.guard_range`: a sampled style is redrawn when any channel
+#: lies more than this many times the channel's observed range outside that range.
+DEFAULT_GUARD_RANGE = 1.0
 _STATISTICS = ("std", "variance")
 _BASES = ("standard", "diagonal")
 
@@ -423,6 +427,13 @@ def _cpu_copy(value: Any) -> Any:
     return value
 
 
+def _summary(values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-channel ``low``, ``high`` and ``std`` of statistics ``[N, C]`` (the relative guard's
+    range and the scale in which perturbations are measured)."""
+    values = values.detach().float()
+    return {"low": values.amin(0), "high": values.amax(0), "std": values.std(0, correction=0)}
+
+
 def _base_noise(flow: Flow, n: int, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """``n`` draws of the base distribution with its spread scaled by ``temperature``."""
     ref = _flow_param(flow)
@@ -446,16 +457,18 @@ def sample_flow(
     max_abs: float = 1e4,
     max_tries: int = 10,
     generator: torch.Generator | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Draw ``n`` samples ``[n, C]`` at ``temperature``; return ``(samples, n_replaced)``.
 
     ``z = T * eps`` (standard base) or ``mean + T * std * eps`` (diagonal base) is mapped
     through the inverse transform, in eval mode and without gradients (the previous mode is
-    restored). Guard: rows with a non-finite entry or ``|x| > max_abs`` are redrawn at the
-    same temperature up to ``max_tries`` rounds, then at temperature 1 (up to ``max_tries``
-    more rounds); if rows are still bad a ``RuntimeError`` is raised. ``n_replaced`` is the
-    number of rows of the first draw that had to be replaced. Reproducible: pass a seeded
-    ``torch.Generator`` (or seed the global RNG with ``torch.manual_seed``).
+    restored). Guard: rows with a non-finite entry, ``|x| > max_abs`` or (with ``bounds =
+    (low [C], high [C])``) an entry outside ``[low, high]`` are redrawn at the same temperature
+    up to ``max_tries`` rounds, then at temperature 1 (up to ``max_tries`` more rounds); if rows
+    are still bad a ``RuntimeError`` is raised. ``n_replaced`` is the number of rows of the
+    first draw that had to be replaced. Reproducible: pass a seeded ``torch.Generator`` (or seed
+    the global RNG with ``torch.manual_seed``).
     """
     n = int(n)
     if n < 0:
@@ -470,8 +483,15 @@ def sample_flow(
     def draw(m: int, t: float) -> torch.Tensor:
         return flow._transform.inverse(_base_noise(flow, m, t, generator))[0]
 
+    low = high = None
+    if bounds is not None:
+        low, high = (torch.as_tensor(b).to(_flow_param(flow)) for b in bounds)
+
     def bad_rows(x: torch.Tensor) -> torch.Tensor:
-        return ~torch.isfinite(x).all(dim=1) | (x.abs() > max_abs).any(dim=1)
+        bad = ~torch.isfinite(x).all(dim=1) | (x.abs() > max_abs).any(dim=1)
+        if low is not None:
+            bad |= ((x < low) | (x > high)).any(dim=1)
+        return bad
 
     was_training = flow.training
     if was_training:  # switching modes walks every submodule: skip it on the hot path
@@ -491,7 +511,7 @@ def sample_flow(
             if bool(bad.any()):
                 raise RuntimeError(
                     f"sample_flow: {int(bad.sum())} of {n} samples are still non-finite or exceed "
-                    f"|x| > {max_abs} after resampling at T={temperature} and T=1; the flow looks broken"
+                    f"|x| > {max_abs} (or leave the bounds) after resampling at T={temperature} and T=1; the flow looks broken"
                 )
     finally:
         if was_training:
@@ -586,6 +606,14 @@ class StyleFlowBank(nn.Module):
         self.scale_clamp = None if scale_clamp is None else float(scale_clamp)
         self.base = base
         self.metadata: dict[str, Any] = {}
+        #: per layer and flow (``"mean"``/``"spread"``, in the flow's own space; ``"sigma"``: the
+        #: channel std whatever ``statistic`` is): per-channel ``low``/``high`` (observed range)
+        #: and ``std`` of the statistics the flows were fitted on; set by :meth:`fit`, saved with
+        #: the bank (empty for checkpoints of version 1)
+        self.observed: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        #: relative sampling guard: a sampled style is redrawn when any channel lies more than
+        #: ``guard_range`` x its observed range outside that range (``None``: no relative guard)
+        self.guard_range: float | None = DEFAULT_GUARD_RANGE
         self.last_replaced: dict[str, int] = {}
         #: per layer, over the bank's life: samples drawn and replaced by the guard (mean + spread)
         self.guard_counts: dict[int, dict[str, int]] = {}
@@ -715,6 +743,9 @@ class StyleFlowBank(nn.Module):
         states: dict[str, dict] = {k: dict(v) for k, v in (resume_state or {}).items()}
         for i, (layer, (mean, var)) in enumerate(data.items()):
             spread = self._spread_from_var(var)
+            self.observed[layer] = {
+                kind: _summary(values) for kind, values in (("mean", mean), ("spread", spread), ("sigma", var.clamp_min(0).sqrt()))
+            }
             n = mean.shape[0]
             n_val = int(round(n * val_fraction))
             if n_val >= 1 and n - n_val >= 2:
@@ -755,6 +786,18 @@ class StyleFlowBank(nn.Module):
 
     # -- sampling and scoring --------------------------------------------------------------
 
+    def sampling_bounds(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(low, high)`` per channel that a sampled ``kind`` (``"mean"``/``"spread"``) statistic
+        of ``layer`` must lie in: the observed range widened by :attr:`guard_range` times its
+        width on each side; ``None`` when there is no relative guard (``guard_range=None`` or a
+        version-1 checkpoint without the observed range)."""
+        obs = self.observed.get(self._check_layer(layer))
+        if obs is None or self.guard_range is None:
+            return None
+        low, high = obs[kind]["low"], obs[kind]["high"]
+        width = (high - low).clamp_min(1e-6)
+        return low - self.guard_range * width, high + self.guard_range * width
+
     def sample(
         self,
         layer: int,
@@ -766,8 +809,10 @@ class StyleFlowBank(nn.Module):
 
         ``temperature=None`` uses the layer's configured temperature. The returned spread is
         always a standard deviation: ``sqrt(clamp(var, 1e-8))`` for ``statistic="variance"``,
-        ``clamp(std, 1e-4)`` for ``"std"``. Replaced (guarded) rows and clamped entries are
-        recorded in :attr:`last_replaced` (totals per layer in :attr:`guard_counts`) and logged
+        ``clamp(std, 1e-4)`` for ``"std"`` (so spreads stay positive). Guard: a row with a
+        non-finite value, or with a channel outside :meth:`sampling_bounds` (the observed range
+        of the fitted statistics widened by :attr:`guard_range` times its width on each side),
+        is redrawn (:func:`sample_flow`). Replaced rows and clamped entries are recorded in :attr:`last_replaced` (totals per layer in :attr:`guard_counts`) and logged
         as a warning with their number.
         """
         key = self._check_layer(layer)
@@ -776,8 +821,16 @@ class StyleFlowBank(nn.Module):
             self._known_fitted = self.is_fitted
             if not self._known_fitted:
                 _LOGGER.warning("StyleFlowBank.sample: the flows have not been fitted; samples are meaningless")
-        mean, n_mean = sample_flow(self.mean_flows[str(key)], n, t, generator=generator)
-        spread, n_spread = sample_flow(self.spread_flows[str(key)], n, t, generator=generator)
+        if self.guard_range is not None and key not in self.observed and not getattr(self, "_warned_no_range", False):
+            self._warned_no_range = True
+            _LOGGER.warning(
+                "StyleFlowBank.sample: this bank has no observed statistics range (fitted by an older "
+                "version); only the absolute guard |x| <= 1e4 applies. Run Phase II again for the relative guard."
+            )
+        mean, n_mean = sample_flow(self.mean_flows[str(key)], n, t, generator=generator, bounds=self.sampling_bounds(key, "mean"))
+        spread, n_spread = sample_flow(
+            self.spread_flows[str(key)], n, t, generator=generator, bounds=self.sampling_bounds(key, "spread")
+        )
         if self.statistic == "variance":
             floor = 1e-8
             n_clamped = int((spread < floor).sum())
@@ -792,7 +845,7 @@ class StyleFlowBank(nn.Module):
         counts["replaced"] += n_mean + n_spread
         if n_mean or n_spread:
             _LOGGER.warning(
-                "layer %d at T=%.2f: replaced %d mean and %d spread sample(s) that were non-finite or exploding",
+                "layer %d at T=%.2f: replaced %d mean and %d spread sample(s) that were non-finite or outside the guard range",
                 key, t, n_mean, n_spread,
             )
         if n_clamped:
@@ -850,6 +903,10 @@ class StyleFlowBank(nn.Module):
             "config": _plain(self.config, "config"),
             "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
             "metadata": _plain(dict(extra_metadata), "metadata"),
+            "observed": {
+                str(layer): {kind: {k: v.detach().cpu().clone() for k, v in d.items()} for kind, d in obs.items()}
+                for layer, obs in self.observed.items()
+            },
         }
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
@@ -890,6 +947,9 @@ class StyleFlowBank(nn.Module):
         except Exception as exc:  # noqa: BLE001 - re-raised with the file name
             raise ValueError(f"{path}: corrupt StyleFlowBank checkpoint: {exc}") from exc
         bank.metadata = dict(payload.get("metadata") or {})
+        bank.observed = {
+            int(layer): {kind: dict(d) for kind, d in obs.items()} for layer, obs in (payload.get("observed") or {}).items()
+        }
         if isinstance(map_location, (str, torch.device)):
             bank.to(map_location)
         bank.eval()

@@ -1,7 +1,8 @@
 """Ignite handlers used by the bundles.
 
 * :class:`StyleStatisticsRecorder` - Phase II: gathers the per-image, per-channel feature
-  statistics that :func:`style_statistics_iteration` computes, in one pass, and saves them.
+  statistics that :class:`StyleStatisticsIteration` computes, in one pass, and saves them.
+* :class:`PerturbationMonitor` - Phase III: how strong the style perturbation is, per epoch.
 * :class:`StyleFlowFitter` - Phase II: fits the style flows on those statistics when the pass
   ends, saves the flow checkpoint, the NLL log and a real-vs-sampled comparison plot.
 * :class:`StylizedImageSaver` - Phase III: PNG grid (and TensorBoard image) of clean vs
@@ -31,7 +32,9 @@ from monai.metrics import compute_dice
 from monai.utils.enums import CommonKeys as Keys
 
 __all__ = [
+    "StyleStatisticsIteration",
     "style_statistics_iteration",
+    "PerturbationMonitor",
     "StyleStatisticsRecorder",
     "StyleFlowFitter",
     "StylizedImageSaver",
@@ -43,23 +46,62 @@ __all__ = [
 logger = logging.getLogger("msf_monai.handlers")
 
 
-def style_statistics_iteration(engine, batchdata: dict) -> dict:
+class StyleStatisticsIteration:
     """``iteration_update`` for a MONAI ``SupervisedEvaluator`` that records style statistics.
 
-    Runs the frozen network in eval mode on the clean batch and returns, in
-    ``engine.state.output["style_stats"]``, ``{layer: (mean [B, C], variance [B, C])}`` of every
-    image-decoder layer (spatial mean and population variance per image and channel).
+    Returns, in ``engine.state.output["style_stats"]``, ``{layer: (mean [B, C], variance [B, C])}``
+    (spatial mean and population variance per image and channel) of every image-decoder layer
+    (``source="image_decoder"``) or encoder stage (``source="encoder"``) of the frozen network.
+
+    Args:
+        regime: ``"train"`` (default, as the reference code): the statistics Phase III mixes
+            styles into -- batch norm in training mode (batch statistics; running statistics left
+            unchanged), the input noised like a training batch (``noise_std``); feed augmented,
+            shuffled training batches. ``"eval"``: batch norm with running statistics, clean
+            input (this package before 0.3).
+        source: ``"image_decoder"`` (MixStyleFlow) or ``"encoder"`` (encoder-level MixStyleFlow).
+        noise_std: the denoising input noise of the training step (``"train"`` regime only).
     """
-    batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-    inputs = batch[0]
-    net = engine.network
-    net.eval()
-    with torch.no_grad():
-        _, feats = net.reconstruct(net.encode(inputs), return_features=True)
-    stats = {k: (f.float().mean(dim=(2, 3)), f.float().var(dim=(2, 3), unbiased=False)) for k, f in feats.items()}
-    engine.state.output = {Keys.IMAGE: inputs, "style_stats": stats}
-    engine.fire_event(IterationEvents.MODEL_COMPLETED)
-    return engine.state.output
+
+    REGIMES = ("train", "eval")
+    SOURCES = ("image_decoder", "encoder")
+
+    def __init__(self, regime: str = "train", source: str = "image_decoder", noise_std: float = 0.05):
+        if regime not in self.REGIMES:
+            raise ValueError(f"stats_regime must be one of {self.REGIMES}, got {regime!r}")
+        if source not in self.SOURCES:
+            raise ValueError(f"style_source must be one of {self.SOURCES}, got {source!r}")
+        self.regime, self.source, self.noise_std = regime, source, float(noise_std)
+
+    def features(self, net: torch.nn.Module, inputs: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The feature maps of the chosen source, in the chosen regime (no gradient)."""
+        from msf_monai.engines import add_image_noise, frozen_batchnorm_statistics
+
+        with torch.no_grad():
+            if self.regime == "eval":
+                net.eval()
+                return self._features(net, inputs)
+            net.train()
+            with frozen_batchnorm_statistics(net):
+                return self._features(net, add_image_noise(inputs, self.noise_std))
+
+    def _features(self, net: torch.nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        if self.source == "encoder":
+            return net.encoder_features(x)
+        return net.reconstruct(net.encode(x), return_features=True)[1]
+
+    def __call__(self, engine, batchdata: dict) -> dict:
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs = batch[0]
+        feats = self.features(engine.network, inputs)
+        stats = {k: (f.float().mean(dim=(2, 3)), f.float().var(dim=(2, 3), unbiased=False)) for k, f in feats.items()}
+        engine.state.output = {Keys.IMAGE: inputs, "style_stats": stats}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+#: the statistics of this package before 0.3: eval-mode batch norm on clean images
+style_statistics_iteration = StyleStatisticsIteration(regime="eval")
 
 
 class StyleStatisticsRecorder:
@@ -244,7 +286,7 @@ class StyleFlowFitter:
             plot_style_samples(self.bank, stats, self.plot_path)
             logger.info("saved real-vs-sampled style plot to %s", self.plot_path)
             for layer, c in sorted(self.bank.guard_counts.items()):
-                logger.info("style layer %d: the sampling guard replaced %d of %d sampled statistics (non-finite or exploding)",
+                logger.info("style layer %d: the sampling guard replaced %d of %d sampled statistics (non-finite or outside the guard range)",
                             layer, c["replaced"], c["drawn"])
 
 
@@ -296,6 +338,61 @@ def plot_style_samples(bank, stats: dict, path: str | os.PathLike, n_samples: in
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+class PerturbationMonitor:
+    """Phase III: averages ``engine.state.perturbation`` (written by the training step:
+    the stylized batch's relative distance from its un-stylized counterpart, the decoder's
+    blur, and each style layer's statistics shift in units of the real statistics' spread) over
+    each epoch, logs one line per epoch, and writes the per-epoch means and the whole run's mean
+    to ``output_file`` (JSON) when training completes. Steps without a perturbation (the style
+    layers were inactive, p < 1) are not counted; ``active_share`` is the share of steps with one.
+    """
+
+    def __init__(self, output_file: str | os.PathLike | None = None):
+        self.output_file = output_file
+        self._epoch: dict[str, list[float]] = defaultdict(list)
+        self._steps = 0
+        self.epochs: list[dict[str, float]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_done)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        self._steps += 1
+        values = getattr(engine.state, "perturbation", None)
+        engine.state.perturbation = None  # one measurement per step
+        for key, value in (values or {}).items():
+            self._epoch[key].append(float(value))
+        if values:
+            self._epoch["active_share"].append(1.0)
+
+    def _epoch_done(self, engine: Engine) -> None:
+        if not self._epoch:
+            self._steps = 0
+            return
+        active = len(self._epoch.pop("active_share", []))
+        means = {k: float(np.mean(v)) for k, v in sorted(self._epoch.items())}
+        means["active_share"] = active / max(1, self._steps)
+        means["epoch"] = int(engine.state.epoch)
+        self.epochs.append(means)
+        logger.info("epoch %d perturbation: %s", engine.state.epoch,
+                    ", ".join(f"{k} {v:.3f}" for k, v in means.items() if k != "epoch"))
+        self._epoch.clear()
+        self._steps = 0
+
+    def summary(self) -> dict[str, float]:
+        """Mean over the epochs of each measured quantity."""
+        keys = sorted({k for e in self.epochs for k in e if k != "epoch"})
+        return {k: float(np.mean([e[k] for e in self.epochs if k in e])) for k in keys}
+
+    def _write(self, engine: Engine) -> None:
+        if self.output_file is None or not self.epochs:
+            return
+        Path(self.output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.output_file).write_text(json.dumps({"mean": self.summary(), "epochs": self.epochs}, indent=1) + "\n")
 
 
 class StylizedImageSaver:

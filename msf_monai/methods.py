@@ -15,10 +15,18 @@ stem then four down blocks; image-decoder layers 1..4, see :mod:`msf_monai.netwo
   residual stages; EFDMix uses MixStyle's positions).
 * ``dsu``: after every encoder stage 0..4 (DSU: after the stem and each residual stage).
 * ``trid``: after encoder stages 1, 2 (TriD randomises shallow features only).
-* ``randconv``: on the input image (image-level augmentation), reconstruction target clean.
+* ``randconv``, ``gin``: on the input image (image-level augmentation), reconstruction target
+  clean.
 * ``maxstyle``: image-decoder layers 2, 3, 4 (MaxStyle: the last three decoder blocks), style
   parameters optimised adversarially, stylized batch trained like MixStyleFlow's.
 * ``mixstyleflow``: image-decoder layers of the fitted flow bank (2, 3, 4), Phase III.
+* ``mixstyleflow_encoder`` (new, not in the paper): MixStyleFlow's flows fitted on encoder
+  stages 1, 2, 3 of the Phase I network (Phase II with ``style_source encoder``), sampled styles
+  mixed into those features in place during training, in one pass as MixStyle and DSU do (no
+  stylized image, no image decoder needed).
+* ``unet``: no style augmentation, and a plain MONAI ``UNet`` instead of the dual-decoder
+  network (the reference a user would train instead; see
+  :func:`msf_monai.networks.reference_unet`): no input noise, no reconstruction.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from .bundle import ConfigValueError, phase_command, require_file
 from .engines import DualDecoderIteration, MaxStyleIteration, MixStyleFlowIteration
 from .styles import build_style_layer, mixstyleflow_layers
 
-__all__ = ["DGMethod", "METHODS", "get_method"]
+__all__ = ["DGMethod", "METHODS", "flow_file_name", "get_method"]
 
 
 @dataclass(frozen=True)
@@ -55,11 +63,21 @@ class DGMethod:
     layers: tuple[int, ...] = ()
     layer: str = ""
     reference: str = ""
+    architecture: str = "dual_decoder"
 
     @property
     def needs_flows(self) -> bool:
         """Whether the method samples from Phase II's fitted flows (Phase II must run first)."""
-        return self.name == "mixstyleflow"
+        return self.layer == "mixstyleflow"
+
+    @property
+    def style_source(self) -> str:
+        """Phase II's ``style_source`` whose flows the method samples (``image_decoder`` or ``encoder``)."""
+        return "encoder" if self.where == "encoder" else "image_decoder"
+
+    def flow_file(self) -> str:
+        """Phase II's flow checkpoint name for :attr:`style_source` (see ``phase2.json``)."""
+        return flow_file_name(self.style_source)
 
     def checkpoint_name(self) -> str:
         """``model.pt`` for MixStyleFlow (the bundle's model), ``model_<name>.pt`` for the others,
@@ -74,9 +92,33 @@ class DGMethod:
     def _layers(self, p: float) -> dict[int, nn.Module]:
         return {k: build_style_layer(self.layer, p=p) for k in self.layers}
 
-    def encoder_styles(self, p: float = 0.5) -> dict[int, nn.Module]:
-        """``DualDecoderNet(encoder_styles=...)`` for the encoder-level methods (else empty)."""
-        return self._layers(p) if self.where == "encoder" else {}
+    def _flow_layers(self, flow_checkpoint, device, p: float, bundle_root: str | None, **mixstyleflow_kwargs) -> dict[int, nn.Module]:
+        from .flows import StyleFlowBank
+
+        if flow_checkpoint is None:
+            raise ConfigValueError(f"style_method {self.name!r} needs flow_checkpoint (Phase II's {self.flow_file()})")
+        what = "phase2" if self.style_source == "image_decoder" else "phase2 --style_source encoder"
+        hint = f"{phase_command(bundle_root, 'phase2')}{'' if self.style_source == 'image_decoder' else ' --style_source encoder'}" if bundle_root else f"the bundle's {what}.json (Phase II)"
+        bank = StyleFlowBank.load(require_file(flow_checkpoint, hint), map_location=device)
+        source = bank.metadata.get("style_source", "image_decoder")
+        if source != self.style_source:
+            raise ConfigValueError(
+                f"{flow_checkpoint} holds flows of {source} statistics, but style_method {self.name!r} needs "
+                f"{self.style_source} flows ({hint})"
+            )
+        return mixstyleflow_layers(bank, layers=self.layers or None, p=p, **mixstyleflow_kwargs)
+
+    def encoder_styles(
+        self, p: float = 0.5, flow_checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+        bundle_root: str | None = None, **mixstyleflow_kwargs
+    ) -> dict[int, nn.Module]:
+        """``DualDecoderNet(encoder_styles=...)`` for the encoder-level methods (else empty);
+        encoder-level MixStyleFlow samples from the encoder flow bank in ``flow_checkpoint``."""
+        if self.where != "encoder":
+            return {}
+        if self.needs_flows:
+            return self._flow_layers(flow_checkpoint, device, p, bundle_root, **mixstyleflow_kwargs)
+        return self._layers(p)
 
     def image_decoder_styles(
         self, flow_checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
@@ -90,13 +132,7 @@ class DGMethod:
             return {}
         if not self.needs_flows:
             return self._layers(p)
-        from .flows import StyleFlowBank
-
-        if flow_checkpoint is None:
-            raise ConfigValueError("style_method 'mixstyleflow' needs flow_checkpoint (Phase II's style_flows.pt)")
-        hint = phase_command(bundle_root, "phase2") if bundle_root else "the bundle's phase2.json (Phase II)"
-        bank = StyleFlowBank.load(require_file(flow_checkpoint, hint), map_location=device)
-        return mixstyleflow_layers(bank, p=p, **mixstyleflow_kwargs)
+        return self._flow_layers(flow_checkpoint, device, p, bundle_root, **mixstyleflow_kwargs)
 
     def input_style(self, p: float = 0.5) -> nn.Module | None:
         """The image-level augmentation (RandConv) or ``None``."""
@@ -104,14 +140,18 @@ class DGMethod:
 
     def iteration(
         self, rec_weight: float = 1.0, noise_std: float = 0.05, stylized_weight: float = 1.0, p: float = 0.5,
-        maxstyle_steps: int = 5, maxstyle_lr: float = 0.1,
+        maxstyle_steps: int = 5, maxstyle_lr: float = 0.1, stylized_bn: str = "frozen", stylize_mode: str = "decoded",
     ):
-        """The ``SupervisedTrainer`` ``iteration_update`` for this method."""
+        """The ``SupervisedTrainer`` ``iteration_update`` for this method (``stylized_bn`` and
+        ``stylize_mode``: see :class:`msf_monai.engines.StylizedBatchIteration`)."""
+        if self.architecture != "dual_decoder":  # a plain segmentation network: no noise, no reconstruction
+            return DualDecoderIteration(rec_weight=0.0, noise_std=0.0)
         common = {"rec_weight": rec_weight, "noise_std": noise_std}
+        stylized = {"stylized_weight": stylized_weight, "stylized_bn": stylized_bn, "stylize_mode": stylize_mode, **common}
         if self.name == "mixstyleflow":
-            return MixStyleFlowIteration(stylized_weight=stylized_weight, **common)
+            return MixStyleFlowIteration(**stylized)
         if self.name == "maxstyle":
-            return MaxStyleIteration(steps=maxstyle_steps, lr=maxstyle_lr, stylized_weight=stylized_weight, **common)
+            return MaxStyleIteration(steps=maxstyle_steps, lr=maxstyle_lr, **stylized)
         return DualDecoderIteration(input_style=self.input_style(p), **common)
 
 
@@ -124,10 +164,23 @@ METHODS: dict[str, DGMethod] = {
         DGMethod("trid", "TriD", "encoder", (1, 2), "trid", "Chen et al., MICCAI 2023"),
         DGMethod("efdm", "EFDMix", "encoder", (1, 2, 3), "efdm", "Zhang et al., CVPR 2022"),
         DGMethod("randconv", "RandConv", "input", (), "randconv", "Xu et al., ICLR 2021"),
+        DGMethod("gin", "GIN", "input", (), "gin", "Ouyang et al., IEEE TMI 2022"),
         DGMethod("maxstyle", "MaxStyle", "image_decoder", (2, 3, 4), "maxstyle", "Chen et al., MICCAI 2022"),
-        DGMethod("mixstyleflow", "MixStyleFlow", "image_decoder", (2, 3, 4), "mixstyleflow", "Safdari et al."),
+        DGMethod("mixstyleflow", "MixStyleFlow", "image_decoder", (), "mixstyleflow", "Safdari et al."),
+        DGMethod("mixstyleflow_encoder", "MixStyleFlow (encoder)", "encoder", (), "mixstyleflow",
+                 "new: MixStyleFlow's flows on encoder statistics"),
+        DGMethod("unet", "MONAI UNet", "none", reference="plain MONAI UNet, the reference users train instead",
+                 architecture="unet"),
     )
 }
+
+
+def flow_file_name(style_source: str = "image_decoder") -> str:
+    """Phase II's flow checkpoint for a ``style_source``: ``style_flows.pt`` (image decoder, the
+    paper's) or ``style_flows_encoder.pt``."""
+    if style_source not in ("image_decoder", "encoder"):
+        raise ConfigValueError(f"style_source must be 'image_decoder' or 'encoder', got {style_source!r}")
+    return "style_flows.pt" if style_source == "image_decoder" else "style_flows_encoder.pt"
 
 
 def get_method(name: str) -> DGMethod:

@@ -16,7 +16,16 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DualDecoderNet", "SegmentationOnlyNet", "SegmentationView", "image_decoder_channels"]
+__all__ = [
+    "ARCHITECTURES",
+    "DualDecoderNet",
+    "SegmentationOnlyNet",
+    "SegmentationView",
+    "build_network",
+    "checkpoint_architecture",
+    "image_decoder_channels",
+    "reference_unet",
+]
 
 
 def _conv_bn_act(in_ch: int, out_ch: int, slope: float) -> list[nn.Module]:
@@ -92,7 +101,7 @@ class DualDecoderNet(nn.Module):
     ``ModuleDict`` (TorchScript cannot index one with a computed key).
     """
 
-    __jit_unused_properties__ = ["image_decoder_channels"]
+    __jit_unused_properties__ = ["image_decoder_channels", "encoder_channels"]
 
     def __init__(
         self,
@@ -139,6 +148,11 @@ class DualDecoderNet(nn.Module):
         """``{layer: channels}`` of image-decoder layers 1..4."""
         return image_decoder_channels(self.channels)
 
+    @property
+    def encoder_channels(self) -> dict[int, int]:
+        """``{stage: channels}`` of encoder stages 0..4 (the outputs that encoder style layers act on)."""
+        return dict(enumerate(self.channels))
+
     def set_style(self, where: str, index: int, layer: nn.Module | None) -> None:
         """Insert (or with ``None`` remove) a style layer after encoder stage ``index`` (0..4)
         or image-decoder layer ``index`` (1..4)."""
@@ -168,6 +182,15 @@ class DualDecoderNet(nn.Module):
         for i, block in enumerate(self.down_blocks, start=1):
             h = self._encoder_style(i, block(h))
         return self.bottleneck(h)
+
+    def encoder_features(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{stage: feature map}`` of encoder stages 0..4 (after any encoder style layer), e.g.
+        to record the statistics that encoder-level MixStyleFlow samples from."""
+        self._check_size(x)
+        feats = {0: self._encoder_style(0, self.stem(x))}
+        for i, block in enumerate(self.down_blocks, start=1):
+            feats[i] = self._encoder_style(i, block(feats[i - 1]))
+        return feats
 
     def segment(self, z: torch.Tensor) -> torch.Tensor:
         """Latent code -> segmentation logits (through the code decoupler)."""
@@ -238,4 +261,61 @@ class SegmentationView(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.segment(self.net.encode(x))
+        if isinstance(self.net, DualDecoderNet):
+            return self.net.segment(self.net.encode(x))
+        return self.net(x)  # a single-output network (the reference UNet)
+
+
+ARCHITECTURES = ("dual_decoder", "unet")
+
+
+def reference_unet(in_channels: int = 1, out_channels: int = 1) -> nn.Module:
+    """The plain MONAI ``UNet`` a user would train instead of the dual-decoder network: 2-D,
+    channels 16-32-64-128-256, four stride-2 levels, two residual units per level (about 1.6 M
+    parameters, with skip connections, no image decoder). It returns the segmentation logits only."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2), num_res_units=2)
+
+
+def build_network(
+    architecture: str = "dual_decoder",
+    in_channels: int = 1,
+    out_channels: int = 1,
+    segmentation_only: bool = False,
+    encoder_styles: Mapping[int, nn.Module] | None = None,
+    image_decoder_styles: Mapping[int, nn.Module] | None = None,
+) -> nn.Module:
+    """The network named by ``architecture`` (the bundles' ``network_def``):
+
+    * ``dual_decoder``: :class:`DualDecoderNet` (:class:`SegmentationOnlyNet` with
+      ``segmentation_only``), the network MixStyleFlow and the other methods train;
+    * ``unet``: :func:`reference_unet`, the plain MONAI baseline (no style layers possible).
+    """
+    if architecture == "dual_decoder":
+        cls = SegmentationOnlyNet if segmentation_only else DualDecoderNet
+        return cls(in_channels, out_channels, encoder_styles=encoder_styles, image_decoder_styles=image_decoder_styles)
+    if architecture == "unet":
+        if encoder_styles or image_decoder_styles:
+            raise ValueError("the reference 'unet' architecture takes no style layers; use architecture 'dual_decoder'")
+        return reference_unet(in_channels, out_channels)
+    raise ValueError(f"unknown architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}")
+
+
+def checkpoint_architecture(path: str) -> str:
+    """The architecture of a saved model state dict (``unet`` when its keys are MONAI ``UNet``'s,
+    else ``dual_decoder``), so evaluation builds the right network for any checkpoint. A missing
+    or unreadable file gives ``dual_decoder``: the caller's file check reports it."""
+    import os
+
+    if not os.path.isfile(path):
+        return "dual_decoder"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - reported by the loader with its own message
+        return "dual_decoder"
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    keys = list(state) if isinstance(state, Mapping) else []
+    return "unet" if keys and all(str(k).startswith("model.") for k in keys) else "dual_decoder"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DGTable", "dg_table", "load_summary", "summary_table"]
+__all__ = ["DGTable", "ablation_table", "dg_table", "load_summary", "sign_test", "summary_table"]
 
 UNSEEN_MEAN = "unseen mean"
 
@@ -159,6 +159,81 @@ def dg_table(results: Mapping[str, Sequence[Mapping]], source_site: str | None =
         mean[name] = {d: np.mean(v, axis=0).tolist() for d, v in per_domain.items()}
         std[name] = {d: np.std(v, axis=0).tolist() for d, v in per_domain.items()}
     return DGTable(list(results), sites + [UNSEEN_MEAN], channels, source_site, mean, std, {k: len(v) for k, v in results.items()})
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test p-value for ``wins`` vs ``losses`` paired comparisons (ties left
+    out): the probability, under "no difference", of a split at least this uneven."""
+    n = int(wins) + int(losses)
+    if n == 0:
+        return 1.0
+    from math import comb
+
+    k = min(int(wins), int(losses))
+    return min(1.0, 2.0 * sum(comb(n, i) for i in range(k + 1)) / 2.0**n)
+
+
+def _per_case(summaries: Sequence[Mapping], sites: Sequence[str], channel: str) -> dict[tuple[str, str], float]:
+    """Dice per (site, case) of the given sites, averaged over the summaries (seeds) that have it."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for s in summaries:
+        for case in s.get("cases", []):
+            if case["site"] in sites and case.get(channel) is not None:
+                values.setdefault((case["site"], case["case"]), []).append(float(case[channel]))
+    return {k: float(np.mean(v)) for k, v in values.items()}
+
+
+_PERTURBATION_COLUMNS = (("image_change", "image change"), ("blur", "blur"))
+
+
+def ablation_table(
+    results: Mapping[str, Sequence[str | Path | Mapping]], source_site: str | None = None, channel: str | None = None,
+    perturbations: Mapping[str, Sequence[Mapping[str, float]]] | None = None,
+) -> str:
+    """Markdown ablation table: per row (arm), Dice % on the source validation cases and on the
+    unseen domains as mean ± std over seeds, the number of seeds, how many unseen cases are
+    better than in the **first** row (each case's Dice averaged over the seeds both rows have)
+    with a two-sided sign-test p-value, and how strong the arm's perturbation was (means of
+    the Phase III perturbation logs over seeds: the stylized batch's relative distance from
+    its un-stylized counterpart, the decoder's blur, and the mean statistics shift of the style
+    layers in units of the real statistics' spread)."""
+    loaded = {k: [v if isinstance(v, Mapping) else load_summary(v) for v in runs] for k, runs in results.items()}
+    table = dg_table(loaded, source_site=source_site, channel=channel)
+    ch = table.channels[0]
+    unseen = [d for d in table.domains if d not in (source_site, UNSEEN_MEAN)]
+    rows = list(loaded)
+    reference = rows[0]
+    ref_cases = _per_case(loaded[reference], unseen, ch)
+    head = (f"| arm | seeds | {source_site} (source val.) | unseen ({', '.join(unseen)}) | unseen cases better than "
+            f"{reference} | sign test p | image change | blur | style shift |")
+    lines = [head, "|" + "---|" * 9]
+    for row in rows:
+        n = table.n_runs[row]
+
+        def cell(domain: str) -> str:
+            if domain is None or domain not in table.mean[row]:
+                return "-"
+            m, sd = 100 * table.mean[row][domain][0], 100 * table.std[row][domain][0]
+            return f"{m:.1f} ± {sd:.1f}" if n > 1 else f"{m:.1f}"
+
+        if row == reference:
+            better, p = "–", "–"
+        else:
+            cases = _per_case(loaded[row], unseen, ch)
+            common = sorted(set(cases) & set(ref_cases))
+            wins = sum(cases[c] > ref_cases[c] for c in common)
+            losses = sum(cases[c] < ref_cases[c] for c in common)
+            better, p = f"{wins} / {len(common)}", f"{sign_test(wins, losses):.3f}"
+        runs = [r for r in (perturbations or {}).get(row, []) if r]
+        pert = []
+        for key, _ in _PERTURBATION_COLUMNS:
+            vals = [r[key] for r in runs if key in r]
+            pert.append(f"{np.mean(vals):.2f}" if vals else "-")
+        shifts = [np.mean([v for k, v in r.items() if k.endswith(("_mean", "_std"))]) for r in runs
+                  if any(k.endswith(("_mean", "_std")) for k in r)]
+        pert.append(f"{np.mean(shifts):.2f}" if shifts else "-")
+        lines.append(f"| {row} | {n} | {cell(source_site)} | {cell(UNSEEN_MEAN)} | {better} | {p} | " + " | ".join(pert) + " |")
+    return "\n".join(lines)
 
 
 def summary_table(*summary_files: str, source_site: str | None = "SiteA", channel: str | None = None) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 __all__ = [
     "DSU",
     "EFDMix",
+    "GIN",
     "MaxStyle",
     "MixStyle",
     "MixStyleFlow",
@@ -242,8 +243,15 @@ class MixStyleFlow(StyleLayer):
         beta_alpha: float = 0.1,
         sample_per: str = "batch",
         eps: float = 1e-6,
+        style_scale: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__(p=p, eps=eps)
+        #: per-channel std of the real means and stds (``[C]`` each) the shift is measured in
+        self.style_scale = None if style_scale is None else tuple(torch.as_tensor(t).float() for t in style_scale)
+        #: after an active call: how far the mixed style moved from the features' own, as the
+        #: mean over images and channels of ``|beta_mix - mu| / scale_mu`` (``"mean"``) and
+        #: ``|gamma_mix - sigma| / scale_sigma`` (``"std"``); ``None`` after an inactive call
+        self.last_shift: dict[str, float] | None = None
         if isinstance(lam, str):
             if lam.lower() not in self._LAM_MODES:
                 raise ValueError(f"lam must be one of {self._LAM_MODES} or a float in [0, 1], got {lam!r}")
@@ -298,10 +306,26 @@ class MixStyleFlow(StyleLayer):
         dtype = _compute_dtype(x)
         return mean.to(device=x.device, dtype=dtype), std.to(device=x.device, dtype=dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_shift = None
+        return super().forward(x)
+
     def stylize(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = self._sample_style(x)
         lam = self._sample_lam(x.shape[0], x.device)
+        if self.style_scale is not None:
+            self.last_shift = self._shift(x, mean, std, lam)
         return mix_feature_style(x, mean, std, lam, self.eps)
+
+    def _shift(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, lam) -> dict[str, float]:
+        """The perturbation's size in units of the real statistics' spread (see :attr:`last_shift`)."""
+        with torch.no_grad():
+            mu, sigma = (t.flatten(1) for t in channel_stats(x.detach().float(), self.eps))
+            lam_t = torch.as_tensor(lam, dtype=mu.dtype, device=mu.device).reshape(-1, 1) if torch.is_tensor(lam) else lam
+            scale_mu, scale_sigma = (t.to(mu.device).clamp_min(1e-6) for t in self.style_scale)
+            d_mu = ((1.0 - lam_t) * (mean.float() - mu)).abs() / scale_mu
+            d_sigma = ((1.0 - lam_t) * (std.float() - sigma)).abs() / scale_sigma
+        return {"mean": float(d_mu.mean()), "std": float(d_sigma.mean())}
 
     def extra_repr(self) -> str:
         has = "set" if self.style_sampler is not None else "None"
@@ -461,6 +485,60 @@ class RandConv(StyleLayer):
         return f"p={self.p}, kernel_sizes={self.kernel_sizes}, mix={self.mix}"
 
 
+class GIN(StyleLayer):
+    """GIN: global intensity non-linear augmentation by a shallow random network (image level).
+
+    Method (Ouyang et al., "Causality-inspired single-source domain generalization for medical
+    image segmentation", IEEE TMI 2022): per call and per image, a fresh random network of
+    ``n_layers`` convolutions (kernel size drawn per layer from ``kernel_sizes``, weights and
+    biases ~ N(0, 1), ``interm_channels`` channels between layers, LeakyReLU after every layer
+    but the last) maps the image to ``g``; ``out = a*g + (1-a)*x`` with ``a ~ U(0, 1)`` per
+    image, then rescaled so that each image keeps its Frobenius norm. Defaults (paper code):
+    ``n_layers=4``, ``interm_channels=2``, ``kernel_sizes=(1, 3)``, LeakyReLU slope 0.01.
+    Shape, dtype and device are kept; 2-D images ``[B, C, H, W]`` only.
+    """
+
+    def __init__(self, p: float = 0.5, n_layers: int = 4, interm_channels: int = 2, kernel_sizes: Sequence[int] = (1, 3),
+                 negative_slope: float = 0.01, eps: float = 1e-6):
+        super().__init__(p=p, eps=eps)
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 2:
+            raise ValueError(f"n_layers must be an int >= 2, got {n_layers!r}")
+        if isinstance(interm_channels, bool) or not isinstance(interm_channels, int) or interm_channels < 1:
+            raise ValueError(f"interm_channels must be an int >= 1, got {interm_channels!r}")
+        ks = tuple(kernel_sizes)
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0 for k in ks):
+            raise ValueError(f"kernel_sizes must be a non-empty sequence of odd positive ints, got {kernel_sizes!r}")
+        self.n_layers, self.interm_channels, self.kernel_sizes = n_layers, interm_channels, ks
+        self.negative_slope = float(negative_slope)
+
+    def stylize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"GIN expects 2-D images [B, C, H, W], got {tuple(x.shape)}")
+        b, c, hgt, wid = x.shape
+        h = x.reshape(1, b * c, hgt, wid)  # one grouped convolution = a different network per image
+        in_ch = c
+        for i in range(self.n_layers):
+            last = i == self.n_layers - 1
+            out_ch = c if last else self.interm_channels
+            k = self.kernel_sizes[int(torch.randint(len(self.kernel_sizes), ()).item())]
+            weight = torch.randn(b * out_ch, in_ch, k, k, device=x.device, dtype=x.dtype)
+            bias = torch.randn(b * out_ch, device=x.device, dtype=x.dtype)
+            h = F.conv2d(h, weight, bias, padding=k // 2, groups=b)
+            if not last:
+                h = F.leaky_relu(h, self.negative_slope)
+            in_ch = out_ch
+        g = h.reshape(b, c, hgt, wid)
+        a = _bcast(torch.rand(b, device=x.device, dtype=x.dtype), 4)
+        mixed = a * g + (1.0 - a) * x
+        norm_in = x.flatten(1).norm(dim=1)
+        norm_out = mixed.flatten(1).norm(dim=1)
+        return mixed * _bcast(norm_in / (norm_out + 1e-5), 4)
+
+    def extra_repr(self) -> str:
+        return (f"p={self.p}, n_layers={self.n_layers}, interm_channels={self.interm_channels}, "
+                f"kernel_sizes={self.kernel_sizes}")
+
+
 class MaxStyle(StyleLayer):
     """MaxStyle: MixStyle plus noise on the statistics, with learnable (adversarial) style parameters.
 
@@ -551,6 +629,7 @@ STYLE_LAYERS: dict[str, type[StyleLayer]] = {
     "trid": TriD,
     "efdm": EFDMix,
     "randconv": RandConv,
+    "gin": GIN,
 }
 
 
@@ -562,17 +641,37 @@ def build_style_layer(name: str, **kwargs) -> StyleLayer:
     return STYLE_LAYERS[key](**kwargs)
 
 
-def mixstyleflow_layers(bank, layers: Sequence[int] | None = None, pool_size: int = 256, **kwargs) -> dict[int, MixStyleFlow]:
+def mixstyleflow_layers(
+    bank, layers: Sequence[int] | None = None, pool_size: int = 256, temperatures: Sequence[float] | None = None,
+    guard_range: float | None | str = "bank", **kwargs
+) -> dict[int, MixStyleFlow]:
     """One :class:`MixStyleFlow` per style layer of a fitted flow bank (e.g.
-    :class:`msf_monai.flows.StyleFlowBank`), sampling at the bank's temperatures.
+    :class:`msf_monai.flows.StyleFlowBank`).
 
-    The result is what ``DualDecoderNet(image_decoder_styles=...)`` takes; ``kwargs`` go to
-    every layer (``p``, ``lam``, ``sample_per``, ...). ``pool_size``: styles are drawn from the
-    flows this many at a time and used in turn (the same distribution; 0 = one flow pass per
-    call).
+    The result is what ``DualDecoderNet(image_decoder_styles=...)`` (or ``encoder_styles``) takes;
+    ``kwargs`` go to every layer (``p``, ``lam``, ``sample_per``, ...). ``pool_size``: styles are
+    drawn from the flows this many at a time and used in turn (the same distribution; 0 = one
+    flow pass per call). ``temperatures``: one per chosen layer, replacing the bank's (Phase
+    II's) sampling temperatures; ``None`` keeps them. ``guard_range``: the bank's relative
+    sampling guard (``None`` switches it off; ``"bank"`` keeps the bank's setting). Each layer
+    measures its perturbation in units of the real statistics' spread when the bank has them.
     """
     chosen = list(bank.layers) if layers is None else [int(k) for k in layers]
     missing = [k for k in chosen if k not in bank.layers]
     if missing:
         raise ValueError(f"the flow bank has no flows for layer(s) {missing}; it has {list(bank.layers)}")
-    return {k: MixStyleFlow(bank.sampler(k, pool_size=pool_size), **kwargs) for k in chosen}
+    if temperatures is not None:
+        temps = [float(t) for t in temperatures]
+        if len(temps) != len(chosen) or not all(math.isfinite(t) and t > 0 for t in temps):
+            raise ValueError(f"temperatures must be {len(chosen)} positive numbers (one per layer {chosen}), got {temperatures!r}")
+        bank.temperatures.update(dict(zip(chosen, temps)))
+    if guard_range != "bank":
+        if guard_range is not None and not (isinstance(guard_range, Real) and float(guard_range) >= 0):
+            raise ValueError(f"guard_range must be a number >= 0 or None, got {guard_range!r}")
+        bank.guard_range = None if guard_range is None else float(guard_range)
+    layers_out = {}
+    for k in chosen:
+        obs = getattr(bank, "observed", {}).get(k)
+        scale = (obs["mean"]["std"], obs["sigma"]["std"]) if obs and "sigma" in obs else None
+        layers_out[k] = MixStyleFlow(bank.sampler(k, pool_size=pool_size), style_scale=scale, **kwargs)
+    return layers_out

@@ -1,60 +1,196 @@
-"""Compare domain-generalisation methods under identical data, budget and seeds.
+"""Compare domain-generalisation methods (and variants of them) under identical data, budget and seeds.
 
-For every seed: trains each selected method from the bundle's configs (``none`` is Phase I
-itself, the plain recipe; ``mixstyleflow`` runs Phase I, II and III; the others run
-``phase3.json --style_method NAME``), each selecting its checkpoint on the source validation
-split only; evaluates every checkpoint on every domain (``evaluate.json``); then writes the
-table (``dg_table.md``/``.csv``/``.png``, mean ± std over seeds), a stylized-image gallery
-(first seed) and ``benchmark.json`` (commands, timings) to ``--work_dir``.
+For every seed: trains each selected arm from the bundle's configs (``none`` is Phase I itself,
+the plain recipe; ``unet`` a plain MONAI UNet with the same data, loss, budget and selection;
+MixStyleFlow arms run Phase II once per seed for each kind of flows they need, then Phase III;
+the others run ``phase3.json --style_method NAME``), each selecting its checkpoint on the source
+validation split only; evaluates every checkpoint on every domain (``evaluate.json``); then
+writes the table (``dg_table.md``/``.csv``/``.png``, mean ± std over seeds), the ablation table
+(``ablation.md``: unseen Dice over seeds, patients better than the first arm with a paired sign
+test, and how strong each arm's perturbation was), a stylized-image gallery (first seed) and
+``benchmark.json`` (commands, timings) to ``--work_dir``.
 
-    python scripts/benchmark_dg.py prostate --methods none,mixstyle,dsu,mixstyleflow \
+    python scripts/benchmark_dg.py prostate --methods none,mixstyle,dsu,mixstyleflow \\
         --seeds 0,1,2 --fraction 0.3 --dataset_dir /data/prostate --source_site SiteA
+
+An arm is a ``style_method`` name, optionally with Phase II/III settings in parentheses, e.g.
+``"none,unet,gin,mixstyleflow,mixstyleflow(stylize_mode=residual, init_from_phase1=true)"``
+(quote it for the shell). Phase II settings (``stats_regime``, ``statistic``) select which
+flows the arm samples from; every other setting goes to its Phase III run. ``label=...`` names
+the row. Arms with the same Phase II settings share one Phase II per seed; all arms of a seed
+share its Phase I.
 
 Every other ``--key value`` goes to all training and evaluation runs (e.g. ``--epochs 200
 --image_size 384``); ``--flow_epochs`` sets Phase II's flow epochs. ``--reuse`` skips runs
-whose outputs exist (continue an interrupted benchmark).
+that finished (their saved training state says so) and resumes unfinished ones.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from evaluate import as_list, bundle_dir, config_value, evaluate_checkpoints, run_config, write_table  # noqa: E402
+from evaluate import as_list, bundle_dir, config_value, evaluate_checkpoints, run_config, safe_name, write_table  # noqa: E402
 
 TRAINING_ONLY = ("epochs", "lr", "val_interval", "train_fraction", "style_p", "maxstyle_steps", "maxstyle_lr", "resume")
+#: arm settings that change Phase II (which flows are fitted), not Phase III
+PHASE2_SETTINGS = ("stats_regime", "statistic")
+#: settings an arm may not change: they need another Phase I (run a separate benchmark)
+SHARED_SETTINGS = ("image_size", "dataset_dir", "source_site", "seed", "batch_size", "val_fraction", "train_fraction")
+
+
+@dataclass
+class Arm:
+    """One row of the comparison: a method and its own settings."""
+
+    method: object  # msf_monai.methods.DGMethod
+    settings: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def phase2(self) -> dict:
+        return {k: v for k, v in self.settings.items() if k in PHASE2_SETTINGS}
+
+    @property
+    def phase3(self) -> dict:
+        return {k: v for k, v in self.settings.items() if k not in PHASE2_SETTINGS}
+
+    @property
+    def tag(self) -> str:
+        """File-name part: the method name, plus the settings when there are any."""
+        if not self.settings:
+            return self.method.name
+        return safe_name(self.method.name + "_" + "_".join(f"{k}-{_text(v)}" for k, v in self.settings.items()))
+
+    def checkpoint_name(self) -> str:
+        return self.method.checkpoint_name() if not self.settings else f"model_{self.tag}.pt"
+
+    def log_folder(self) -> str:
+        return self.method.log_folder() if not self.settings else f"phase3_{self.tag}"
+
+    def flow_file(self) -> str:
+        """Phase II's flow file for this arm: the method's default name, with the Phase II
+        settings appended when there are any."""
+        name = self.method.flow_file()
+        if self.phase2:
+            name = name.replace(".pt", "_" + safe_name("_".join(f"{k}-{_text(v)}" for k, v in self.phase2.items())) + ".pt")
+        return name
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value).replace(" ", "")
+
+
+def _value(text: str):
+    """``true``/``false``/``none`` (any case), numbers, lists; anything else stays a string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def _split_top(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets and parentheses."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_arms(methods) -> list[Arm]:
+    """``"none,mixstyleflow(stylize_mode=residual)"`` (or fire's tuple of such) -> arms."""
+    from msf_monai.methods import get_method
+
+    text = ",".join(methods) if isinstance(methods, (list, tuple)) else str(methods)
+    arms = []
+    for item in _split_top(text):
+        m = re.fullmatch(r"([A-Za-z0-9_]+)\s*(?:\((.*)\))?", item, flags=re.S)
+        if not m:
+            raise SystemExit(f"bad arm {item!r}: expected NAME or NAME(key=value, ...)")
+        settings = {}
+        for pair in _split_top(m.group(2) or ""):
+            if "=" not in pair:
+                raise SystemExit(f"bad setting {pair!r} in arm {item!r}: expected key=value")
+            key, value = (s.strip() for s in pair.split("=", 1))
+            settings[key] = _value(value)
+        label = settings.pop("label", None)
+        shared = [k for k in settings if k in SHARED_SETTINGS]
+        if shared:
+            raise SystemExit(f"arm {item!r} changes {shared}: those need their own Phase I; run a separate benchmark")
+        method = get_method(m.group(1))
+        if not method.needs_flows and any(k in PHASE2_SETTINGS for k in settings):
+            raise SystemExit(f"arm {item!r}: {PHASE2_SETTINGS} only apply to MixStyleFlow arms")
+        if method.name == "none" and settings:
+            raise SystemExit(f"arm {item!r}: 'none' is Phase I itself and takes no settings")
+        title = method.title + (" (" + ", ".join(f"{k}={_text(v)}" for k, v in settings.items()) + ")" if settings else "")
+        arms.append(Arm(method, settings, str(label) if label else title))
+    if not arms:
+        raise SystemExit("--methods is empty")
+    labels = [a.label for a in arms]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"two arms have the same name: {labels}")
+    return arms
+
+
+def run_finished(resume_file: Path) -> bool:
+    """Whether the training state saved next to a checkpoint says its run completed (a
+    ``*_final.pt`` is also written when a run is interrupted, so it proves nothing)."""
+    import torch
+
+    if not resume_file.is_file():
+        return False
+    try:
+        state = torch.load(resume_file, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable state is an unfinished run
+        return False
+    return bool(state.get("finished")) if isinstance(state, dict) else False
 
 
 def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", seeds="0", fraction: float = 1.0,
          work_dir: str | None = None, source_site: str | None = None, flow_epochs: int | None = None,
          gallery: bool = True, reuse: bool = False, **overrides) -> None:
-    """Train, evaluate and tabulate the selected methods.
+    """Train, evaluate and tabulate the selected arms.
 
     Args:
         bundle: ``prostate``, ``fundus`` or a bundle folder.
-        methods: comma-separated ``style_method`` names (see ``msf_monai.methods.METHODS``).
+        methods: comma-separated arms: ``style_method`` names (see ``msf_monai.methods.METHODS``),
+            each optionally with settings, ``NAME(key=value, ...)``. The first arm is the one
+            the ablation table compares every other arm with.
         seeds: comma-separated seeds; each seed also fixes the patient split.
         fraction: share of the source training patients used (the papers' low-data regime: 0.1, 0.3).
         work_dir: output folder (default ``<bundle>/benchmark``).
         source_site: the training domain (default: the bundle's default for the dataset).
         flow_epochs: Phase II flow-fitting epochs (default: phase2.json's).
         gallery: write the stylized-image gallery for the first seed.
-        reuse: continue an interrupted benchmark: skip runs whose outputs exist, resume unfinished
+        reuse: continue an interrupted benchmark: skip runs that finished, resume unfinished
             training runs from their checkpoints (otherwise every run starts fresh).
         overrides: other config ids for every run (``--dataset_dir``, ``--epochs``, ``--image_size``, ...).
     """
-    from msf_monai.methods import get_method
+    from msf_monai.report import ablation_table
 
     root = bundle_dir(bundle)
-    chosen = [get_method(m) for m in as_list(methods)]
-    if not chosen:
-        raise SystemExit("--methods is empty")
+    arms = parse_arms(methods)
     seed_list = [int(s) for s in as_list(seeds)]
     work = Path(work_dir) if work_dir else root / "benchmark"
     common = {k: v for k, v in overrides.items() if v is not None}
@@ -62,19 +198,32 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         common["source_site"] = source_site
     source = config_value(root, "evaluate", "source_site", common)
     evaluation = {k: v for k, v in common.items() if k not in TRAINING_ONLY}
-    record = {"bundle": str(root), "methods": [m.name for m in chosen], "seeds": seed_list, "fraction": fraction,
+    record_file = work / "benchmark.json"
+    record = {"bundle": str(root), "arms": [a.label for a in arms], "seeds": seed_list, "fraction": fraction,
               "source_site": source, "overrides": common, "command": sys.argv, "runs": []}
-    results: dict[str, list[Path]] = {m.title: [] for m in chosen}
+    if reuse and record_file.is_file():  # keep the timings of the runs an earlier call finished
+        record["runs"] = json.loads(record_file.read_text()).get("runs", [])
+    results: dict[str, list[Path]] = {a.label: [] for a in arms}
+    perturbations: dict[str, list[dict]] = {a.label: [] for a in arms}
     start = time.time()
-    print(f"benchmark: {len(chosen)} method(s) x {len(seed_list)} seed(s), source domain {source}, output {work}", flush=True)
+    print(f"benchmark: {len(arms)} arm(s) x {len(seed_list)} seed(s), source domain {source}, output {work}", flush=True)
 
     def timed(label: str, config: str, args: dict, log: Path, done: Path) -> None:
-        if reuse and done.is_file():
-            print(f"  {label}: reusing {done}", flush=True)
+        if reuse and run_finished(done):
+            print(f"  {label}: finished before ({done}), reusing it", flush=True)
             return
         t0 = time.time()
         run_config(root, config, args, log, f"{label} (benchmark at {t0 - start:.0f} s)")
         record["runs"].append({"run": label, "config": config, "seconds": round(time.time() - t0, 1)})
+        work.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+    def tables(n_seeds: int) -> None:
+        done = {k: v for k, v in results.items() if v}
+        print(write_table(done, work, source, f"{root.name}: Dice per domain ({n_seeds} seed(s))"), flush=True)
+        table = ablation_table(done, source_site=source, perturbations=perturbations)
+        (work / "ablation.md").write_text(table + "\n")
+        print(table, flush=True)
 
     for si, seed in enumerate(seed_list):
         run_dir = work / f"seed{seed}"
@@ -83,31 +232,42 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         # resumed from their training checkpoints); otherwise every run starts fresh
         base = {**common, "seed": seed, "train_fraction": fraction, "ckpt_dir": str(models), "resume": bool(reuse)}
         tag = f"[seed {seed} ({si + 1}/{len(seed_list)})]"
-        checkpoints: dict[str, Path] = {}
-        needs_phase1 = any(m.name in ("none", "mixstyleflow") for m in chosen) or (gallery and si == 0)
-        if needs_phase1:
+        needs_phase1 = any(a.method.name == "none" or a.method.needs_flows or a.settings.get("init_from_phase1") for a in arms)
+        if needs_phase1 or (gallery and si == 0):
             timed(f"{tag} Phase I", "phase1", {**base, "output_dir": str(logs / "phase1")}, logs / "phase1.log",
-                  models / "phase1_model_final.pt")
-        for m in chosen:
-            if m.name == "none":
-                checkpoints[m.title] = models / "phase1_model.pt"
-                continue
-            if m.needs_flows:
-                phase2 = {k: v for k, v in base.items() if k not in ("epochs", "lr")}
-                if flow_epochs is not None:
-                    phase2["epochs"] = flow_epochs
-                timed(f"{tag} Phase II", "phase2", {**phase2, "output_dir": str(logs / "phase2")}, logs / "phase2.log",
-                      models / "style_flows.pt")
-            name = m.checkpoint_name()
-            timed(f"{tag} {m.title}", "phase3", {**base, "style_method": m.name, "output_dir": str(logs / m.log_folder())},
-                  logs / f"{m.log_folder()}.log", models / name.replace(".pt", "_final.pt"))
-            checkpoints[m.title] = models / name
-        t0 = time.time()
-        summaries = evaluate_checkpoints(str(root), [str(checkpoints[m.title]) for m in chosen], [m.title for m in chosen],
-                                         run_dir / "eval", reuse=reuse, **{**evaluation, "seed": seed, "ckpt_dir": str(models)})
-        record["runs"].append({"run": f"seed {seed} evaluation", "seconds": round(time.time() - t0, 1)})
-        for title, path in summaries.items():
-            results[title].append(path)
+                  models / "phase1_model_resume.pt")
+        for arm in arms:
+            if arm.method.name == "none":
+                checkpoint = models / "phase1_model.pt"
+            else:
+                # None must reach the config as None (run_config leaves None-valued ids out)
+                run = {**base, "style_method": arm.method.name, "output_dir": str(logs / arm.log_folder()),
+                       **{k: "None" if v is None else v for k, v in arm.phase3.items()}}
+                if arm.settings:
+                    run["checkpoint_name"] = arm.checkpoint_name()
+                if arm.method.needs_flows:
+                    flows = models / arm.flow_file()
+                    phase2 = {k: v for k, v in base.items() if k not in ("epochs", "lr")}
+                    phase2.update(arm.phase2, flow_checkpoint=str(flows), style_source=arm.method.style_source,
+                                  output_dir=str(logs / flows.stem))
+                    if flow_epochs is not None:
+                        phase2["epochs"] = flow_epochs
+                    timed(f"{tag} Phase II ({flows.name})", "phase2", phase2, logs / f"{flows.stem}.log",
+                          flows.with_name(flows.stem + "_resume.pt"))
+                    run["flow_checkpoint"] = str(flows)
+                checkpoint = models / arm.checkpoint_name()
+                timed(f"{tag} {arm.label}", "phase3", run, logs / f"{arm.log_folder()}.log",
+                      checkpoint.with_name(checkpoint.stem + "_resume.pt"))
+                perturbation = logs / arm.log_folder() / "perturbation.json"
+                if perturbation.is_file():
+                    perturbations[arm.label].append(json.loads(perturbation.read_text())["mean"])
+            # evaluate each arm as soon as it is trained, so partial tables exist while the rest runs
+            t0 = time.time()
+            summary = evaluate_checkpoints(str(root), [str(checkpoint)], [arm.label], run_dir / "eval", reuse=reuse,
+                                           **{**evaluation, "seed": seed, "ckpt_dir": str(models)})
+            record["runs"].append({"run": f"{tag} {arm.label} evaluation", "seconds": round(time.time() - t0, 1)})
+            results[arm.label].append(summary[arm.label])
+            tables(si + 1)
         if gallery and si == 0:
             from style_gallery import make_gallery
 
@@ -116,11 +276,10 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
                              **{k: v for k, v in base.items() if k not in TRAINING_ONLY + ("ckpt_dir", "seed")})
             except SystemExit as err:  # a gallery problem must not lose the benchmark's results
                 print(f"gallery skipped: {err}")
-        print(write_table(results, work, source, f"{root.name}: Dice per domain ({si + 1} seed(s))"), flush=True)
 
     record["total_seconds"] = round(time.time() - start, 1)
-    (work / "benchmark.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    print(f"benchmark finished in {record['total_seconds']:.0f} s; wrote {work / 'benchmark.json'}")
+    record_file.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"benchmark finished in {record['total_seconds']:.0f} s; wrote {record_file}")
 
 
 if __name__ == "__main__":

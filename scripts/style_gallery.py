@@ -6,7 +6,11 @@ after image-decoder layers 2, 3, 4 of that network and the decoded image is show
 MaxStyle and MixStyleFlow make their stylized images); for the encoder-level methods (MixStyle,
 DSU, TriD, EFDMix) this is a visualisation of their statistics perturbation, not where they act
 in training. RandConv acts on the image itself. MaxStyle's style is the adversarial one (5 Adam
-steps maximising the segmentation loss); MixStyleFlow is shown at several temperatures.
+steps maximising the segmentation loss); MixStyleFlow is shown at several temperatures, each
+as the decoding itself (the paper's stylized image) and as the residual stylization
+(``stylize_mode residual``: the input plus what the style change does to the decoding).
+The network runs in eval mode here (running batch-norm statistics), so the images show the
+styles, not the batch-statistics regime of a training step.
 
     python scripts/style_gallery.py prostate --output bundles/prostate/logs/style_gallery.png
 """
@@ -51,7 +55,7 @@ def gallery_columns(net, bank, images, labels, temperatures=(1.0, 2.0, 3.5), see
     import torch
     from monai.losses import DiceCELoss
 
-    from msf_monai.engines import MaxStyleIteration, rescale_to_reference
+    from msf_monai.engines import MaxStyleIteration, MixStyleFlowIteration, rescale_to_reference
     from msf_monai.styles import MixStyleFlow, build_style_layer
 
     torch.manual_seed(seed)
@@ -61,12 +65,13 @@ def gallery_columns(net, bank, images, labels, temperatures=(1.0, 2.0, 3.5), see
         z = net.encode(images)
         columns["reconstruction"] = net.reconstruct(z)
 
-    def decoded_with(layers: dict) -> torch.Tensor:
+    def decoded_with(layers: dict, rescale: bool = True) -> torch.Tensor:
         for k, layer in layers.items():
             net.set_style("image_decoder", k, layer.train())
         try:
             with torch.no_grad():
-                return rescale_to_reference(net.reconstruct(z, stylize=True), images)
+                decoded = net.reconstruct(z, stylize=True)
+                return rescale_to_reference(decoded, images) if rescale else decoded
         finally:
             for k in layers:
                 net.set_style("image_decoder", k, None)
@@ -81,14 +86,20 @@ def gallery_columns(net, bank, images, labels, temperatures=(1.0, 2.0, 3.5), see
     for k in (2, 3, 4):
         net.set_style("image_decoder", k, build_style_layer("maxstyle", p=1.0).train())
     try:
-        columns["maxstyle (adversarial)"] = MaxStyleIteration().stylize(_Engine, z, images, labels)
+        columns["maxstyle (adversarial)"] = MaxStyleIteration().stylize(_Engine, z, images, labels, columns["reconstruction"])
     finally:
         for k in (2, 3, 4):
             net.set_style("image_decoder", k, None)
     if bank is not None:
+        residual = MixStyleFlowIteration(stylize_mode="residual")
         for t in temperatures:
+            torch.manual_seed(seed)  # the same styles for the decoded and the residual column
             layers = {k: MixStyleFlow(functools.partial(bank.sample, k, temperature=float(t)), p=1.0) for k in bank.layers}
             columns[f"MixStyleFlow T={t:g}"] = decoded_with(layers)
+            torch.manual_seed(seed)
+            layers = {k: MixStyleFlow(functools.partial(bank.sample, k, temperature=float(t)), p=1.0) for k in bank.layers}
+            styled = decoded_with(layers, rescale=False)
+            columns[f"MSF residual T={t:g}"] = residual.compose(styled, images, columns["reconstruction"])
     return columns
 
 

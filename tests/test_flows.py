@@ -272,7 +272,8 @@ def test_bank_fit_sample_save_load(banks, statistic, tmp_path):
     bank.save(path, epochs=3, dataset="fake", scores=[0.5, 1.5], nested={"a": 1, 2: "b"})
     assert os.listdir(tmp_path) == ["flows.pt"], "no temporary files left behind"
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "msf_monai.StyleFlowBank" and raw["version"] == 1
+    assert raw["format"] == "msf_monai.StyleFlowBank" and raw["version"] == 2
+    assert set(raw["observed"]) == {str(k) for k in bank.layers}  # the relative guard's range
     assert raw["config"]["statistic"] == statistic
 
     loaded = StyleFlowBank.load(path)

@@ -6,7 +6,8 @@ training iteration with ``style_p = 1`` (every style layer acts), and check:
 
 * the method's style layers (or its input augmentation) really changed what they were given
   (the stylized batch / feature maps differ from the clean ones);
-* the trained weights load strictly into the evaluation network (``SegmentationOnlyNet``), whose
+* the trained weights load strictly into the evaluation network (``SegmentationOnlyNet``, or the
+  UNet for the reference arm), whose
   eval-mode output equals the training network's eval-mode output: evaluation is unaffected.
 """
 
@@ -20,7 +21,7 @@ from monai.bundle import ConfigParser
 from bundle_utils import check, copy_bundle, run_bundle
 from msf_monai.flows import StyleFlowBank
 from msf_monai.methods import METHODS, get_method
-from msf_monai.networks import SegmentationOnlyNet, image_decoder_channels
+from msf_monai.networks import SegmentationOnlyNet, SegmentationView, build_network, image_decoder_channels
 
 TINY = {"image_size": 32, "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "$torch.device('cpu')"}
 
@@ -37,6 +38,10 @@ def bundle(tmp_path_factory):
     bank.fit(stats, epochs=2, lr=1e-3)
     (target / "models").mkdir()
     bank.save(target / "models" / "style_flows.pt")
+    enc = StyleFlowBank({1: 32, 2: 64, 3: 128}, temperatures={1: 1.5, 2: 2.5, 3: 3.5})
+    enc.fit({k: {"mean": rng.normal(size=(40, c)), "var": rng.uniform(0.5, 2.0, size=(40, c))} for k, c in enc.layer_channels.items()},
+            epochs=2, lr=1e-3)
+    enc.save(target / "models" / "style_flows_encoder.pt", style_source="encoder")
     return target
 
 
@@ -50,7 +55,7 @@ def _parser(bundle_root, method: str) -> ConfigParser:
 
 
 def _style_modules(net, iteration):
-    modules = list(net.encoder_styles.values()) + list(net.image_decoder_styles.values())
+    modules = list(getattr(net, "encoder_styles", {}).values()) + list(getattr(net, "image_decoder_styles", {}).values())
     if getattr(iteration, "input_style", None) is not None:
         modules.append(iteration.input_style)
     return modules
@@ -75,7 +80,7 @@ def test_each_method_changes_training_not_evaluation(bundle, method):
     output = trainer.state.output
     assert np.isfinite(float(output["loss"]))
 
-    if method == "none":
+    if method in ("none", "unet"):
         assert not changed and "stylized" not in output
     else:
         assert changed, f"{method}: no style layer ran during the training step"
@@ -84,15 +89,15 @@ def test_each_method_changes_training_not_evaluation(bundle, method):
         assert float((output["stylized"] - output["image"]).abs().max()) > 1e-3, "the stylized batch equals the clean one"
 
     # evaluation: the same weights in the evaluation network, eval mode, give the same output
-    eval_net = SegmentationOnlyNet(in_channels=1, out_channels=1)
+    eval_net = build_network(get_method(method).architecture, in_channels=1, out_channels=1, segmentation_only=True)
     eval_net.load_state_dict(net.state_dict(), strict=True)
     eval_net.eval()
-    net.eval()
+    view = SegmentationView(net).eval()
     x = output["image"][:2]
     with torch.no_grad():
-        torch.testing.assert_close(eval_net(x), net.segment(net.encode(x)))
-        first = net.segment(net.encode(x))
-        second = net.segment(net.encode(x))
+        torch.testing.assert_close(eval_net(x), view(x))
+        first = view(x)
+        second = view(x)
     torch.testing.assert_close(first, second)  # no randomness left in evaluation
 
 

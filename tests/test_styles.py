@@ -488,7 +488,7 @@ def test_maxstyle_keeps_its_draw_until_reset_and_is_differentiable():
 
 
 def test_registry_names_and_build():
-    assert set(STYLE_LAYERS) == {"mixstyleflow", "mixstyle", "dsu", "trid", "efdm", "randconv", "maxstyle"}
+    assert set(STYLE_LAYERS) == {"mixstyleflow", "mixstyle", "dsu", "trid", "efdm", "randconv", "maxstyle", "gin"}
     assert isinstance(build_style_layer("MaxStyle"), MaxStyle)
     assert isinstance(build_style_layer("MixStyle", p=0.3), MixStyle)
     assert build_style_layer("mixstyle", p=0.3).p == 0.3
