@@ -4,6 +4,7 @@ stylization, perturbation measurement, GIN, the reference UNet and encoder-level
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceCELoss
 
+from bundle_utils import SHARED_DATA, check, copy_bundle, run_bundle
 from msf_monai.engines import MixStyleFlowIteration, rescale_to_reference
 from msf_monai.flows import StyleFlowBank, sample_flow
 from msf_monai.handlers import PerturbationMonitor, StyleStatisticsIteration, StyleStatisticsRecorder
@@ -343,3 +345,53 @@ def test_encoder_mixstyleflow_samples_from_encoder_flows(tmp_path):
 
     with pytest.raises(ConfigValueError, match="encoder"):
         method.encoder_styles(p=1.0, flow_checkpoint=str(tmp_path / "dec.pt"))
+
+
+def test_version_1_flow_checkpoints_still_load_without_the_relative_guard(tmp_path, caplog):
+    bank, _ = _fitted_bank()
+    bank.save(tmp_path / "flows.pt")
+    payload = torch.load(tmp_path / "flows.pt", weights_only=True)
+    payload["version"] = 1
+    del payload["observed"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = StyleFlowBank.load(tmp_path / "old.pt")
+    assert old.observed == {} and old.sampling_bounds(2, "mean") is None
+    mean, std = old.sample(2, 10)
+    assert mean.shape == (10, 4) and "no observed statistics range" in caplog.text
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "prostate_nci_isbi").is_dir(), reason="needs ../shared/data")
+def test_new_arms_run_through_the_bundle(tmp_path):
+    """Encoder-level MixStyleFlow (Phase II on encoder statistics, then Phase III), residual
+    stylization with the old Phase II regime, and the reference UNet, trained and evaluated by
+    the bundle's own configs on real volumes."""
+    data = tmp_path / "data"
+    for site, names in {"A": ["Case00", "Case01", "Case02", "Case03"], "B": ["Case29"]}.items():
+        (data / site).mkdir(parents=True)
+        for name in names:
+            for suffix in ("", "_Segmentation"):
+                shutil.copy(SHARED_DATA / "prostate_nci_isbi" / f"{name}{suffix}.nii.gz", data / site)
+    bundle = copy_bundle("prostate", tmp_path)
+    common = ("--dataset_dir", str(data), "--source_site", "A", "--image_size", "32")
+    train = (*common, "--batch_size", "8", "--epochs", "1", "--val_interval", "1")
+    models = bundle / "models"
+    check(run_bundle(tmp_path, "phase1", *train))
+    check(run_bundle(tmp_path, "phase2", *common, "--epochs", "1", "--style_source", "encoder"))
+    encoder_bank = StyleFlowBank.load(models / "style_flows_encoder.pt")
+    assert encoder_bank.layer_channels == {1: 32, 2: 64, 3: 128} and encoder_bank.metadata["style_source"] == "encoder"
+    assert encoder_bank.metadata["stats_regime"] == "train"
+    check(run_bundle(tmp_path, "phase3", *train, "--style_method", "mixstyleflow_encoder"))
+    shift = json.loads((bundle / "logs" / "phase3_mixstyleflow_encoder" / "perturbation.json").read_text())["mean"]
+    assert any(k.startswith("enc") for k in shift)
+    check(run_bundle(tmp_path, "phase2", *common, "--epochs", "1", "--stats_regime", "eval"))
+    assert StyleFlowBank.load(models / "style_flows.pt").metadata["stats_regime"] == "eval"
+    out = check(run_bundle(tmp_path, "phase3", *train, "--stylize_mode", "residual", "--stylized_bn", "train",
+                           "--style_temperatures", "[1, 1, 1]", "--style_guard_range", "None"))
+    assert "perturbation" in out
+    residual = json.loads((bundle / "logs" / "phase3" / "perturbation.json").read_text())["mean"]
+    assert residual["blur"] == pytest.approx(0.0, abs=1e-5)
+    check(run_bundle(tmp_path, "phase3", *train, "--style_method", "unet"))
+    assert checkpoint_architecture(str(models / "model_unet.pt")) == "unet"
+    check(run_bundle(tmp_path, "evaluate", *common, "--checkpoint", str(models / "model_unet.pt")))
+    summary = json.loads((bundle / "eval" / "model_unet_summary.json").read_text())
+    assert summary["sites"]["B"]["n"] == 1

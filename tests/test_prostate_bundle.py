@@ -38,6 +38,9 @@ def _assert_outputs(bundle, n_eval_cases: int, sites: set[str]):
     assert (bundle / "logs" / "phase2" / "style_samples.png").is_file()
     assert json.loads((bundle / "logs" / "phase2" / "flow_nll.json").read_text())["mean_2"]
     assert list((bundle / "logs" / "phase3" / "stylized").glob("stylized_epoch*.png"))
+    # how strong the perturbation was, measured in Phase III
+    perturbation = json.loads((bundle / "logs" / "phase3" / "perturbation.json").read_text())["mean"]
+    assert perturbation["image_change"] > 0 and perturbation["blur"] > 0 and "dec2_mean" in perturbation
     # evaluation: one row per patient, Dice in [0, 1], per-site means
     with open(bundle / "eval" / "model_per_case.csv") as f:
         rows = list(csv.DictReader(f))
