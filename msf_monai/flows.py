@@ -465,8 +465,9 @@ def sample_flow(
     through the inverse transform, in eval mode and without gradients (the previous mode is
     restored). Guard: rows with a non-finite entry, ``|x| > max_abs`` or (with ``bounds =
     (low [C], high [C])``) an entry outside ``[low, high]`` are redrawn at the same temperature
-    up to ``max_tries`` rounds, then at temperature 1 (up to ``max_tries`` more rounds); if rows
-    are still bad a ``RuntimeError`` is raised. ``n_replaced`` is the number of rows of the
+    up to ``max_tries`` rounds, then at temperature 1 (up to ``max_tries`` more rounds); rows
+    still outside the bounds are then clamped into them (with a warning), and rows still
+    non-finite or over ``max_abs`` raise a ``RuntimeError``. ``n_replaced`` is the number of rows of the
     first draw that had to be replaced. Reproducible: pass a seeded ``torch.Generator`` (or seed
     the global RNG with ``torch.manual_seed``).
     """
@@ -487,8 +488,11 @@ def sample_flow(
     if bounds is not None:
         low, high = (torch.as_tensor(b).to(_flow_param(flow)) for b in bounds)
 
+    def broken_rows(x: torch.Tensor) -> torch.Tensor:
+        return ~torch.isfinite(x).all(dim=1) | (x.abs() > max_abs).any(dim=1)
+
     def bad_rows(x: torch.Tensor) -> torch.Tensor:
-        bad = ~torch.isfinite(x).all(dim=1) | (x.abs() > max_abs).any(dim=1)
+        bad = broken_rows(x)
         if low is not None:
             bad |= ((x < low) | (x > high)).any(dim=1)
         return bad
@@ -508,10 +512,16 @@ def sample_flow(
                 idx = torch.nonzero(bad).flatten()
                 x[idx] = draw(idx.numel(), t)
                 bad = bad_rows(x)
+            if bool(bad.any()) and low is not None and not bool(broken_rows(x).any()):
+                # finite rows that keep leaving the bounds: pull them in rather than stop training
+                _LOGGER.warning("sample_flow: %d of %d samples stayed outside the guard bounds after resampling; "
+                                "clamped into them", int(bad.sum()), n)
+                x = torch.maximum(torch.minimum(x, high), low)
+                bad = bad_rows(x)
             if bool(bad.any()):
                 raise RuntimeError(
                     f"sample_flow: {int(bad.sum())} of {n} samples are still non-finite or exceed "
-                    f"|x| > {max_abs} (or leave the bounds) after resampling at T={temperature} and T=1; the flow looks broken"
+                    f"|x| > {max_abs} after resampling at T={temperature} and T=1; the flow looks broken"
                 )
     finally:
         if was_training:
@@ -789,14 +799,19 @@ class StyleFlowBank(nn.Module):
     def sampling_bounds(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(low, high)`` per channel that a sampled ``kind`` (``"mean"``/``"spread"``) statistic
         of ``layer`` must lie in: the observed range widened by :attr:`guard_range` times its
-        width on each side; ``None`` when there is no relative guard (``guard_range=None`` or a
-        version-1 checkpoint without the observed range)."""
+        width on each side (channels that were constant are left unbounded); ``None`` when there
+        is no relative guard (``guard_range=None`` or a version-1 checkpoint without the observed
+        range)."""
         obs = self.observed.get(self._check_layer(layer))
         if obs is None or self.guard_range is None:
             return None
         low, high = obs[kind]["low"], obs[kind]["high"]
-        width = (high - low).clamp_min(1e-6)
-        return low - self.guard_range * width, high + self.guard_range * width
+        width = high - low
+        # a channel that was (almost) constant gives no usable range: it is left unbounded
+        degenerate = width <= 1e-6 * (1.0 + torch.maximum(low.abs(), high.abs()))
+        inf = torch.full_like(low, float("inf"))
+        return (torch.where(degenerate, -inf, low - self.guard_range * width),
+                torch.where(degenerate, inf, high + self.guard_range * width))
 
     def sample(
         self,

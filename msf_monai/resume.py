@@ -262,14 +262,9 @@ def check_resume(
 
 
 def _as_bool(value) -> bool:
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("true", "1", "yes", "y", "on"):
-            return True
-        if low in ("false", "0", "no", "n", "off"):
-            return False
-        raise ValueError(f"resume must be true or false, got {value!r}")
-    return bool(value)
+    from .cli import as_bool
+
+    return as_bool(value, "resume")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,8 +187,10 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
             training runs from their checkpoints (otherwise every run starts fresh).
         overrides: other config ids for every run (``--dataset_dir``, ``--epochs``, ``--image_size``, ...).
     """
+    from msf_monai.cli import as_bool
     from msf_monai.report import ablation_table
 
+    gallery, reuse = as_bool(gallery, "--gallery"), as_bool(reuse, "--reuse")
     root = bundle_dir(bundle)
     arms = parse_arms(methods)
     seed_list = [int(s) for s in as_list(seeds)]
@@ -283,6 +285,6 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
 
 
 if __name__ == "__main__":
-    import fire
+    from msf_monai.cli import fire_main
 
-    fire.Fire(main)
+    fire_main(main)

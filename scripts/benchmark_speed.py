@@ -34,6 +34,7 @@ import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceCELoss
 
+from msf_monai.cli import as_bool
 from msf_monai.engines import DualDecoderIteration, MixStyleFlowIteration
 from msf_monai.flows import StyleFlowBank
 from msf_monai.handlers import StyleStatisticsRecorder, style_statistics_iteration
@@ -273,7 +274,7 @@ def main(
         output: JSON file for every measurement (``None``: don't write).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp = (dev.type == "cuda") if amp is None else bool(amp)
+    amp = (dev.type == "cuda") if amp is None else as_bool(amp, "--amp")
     unknown = [m for m in methods if m not in STYLE_LAYERS or m == "mixstyleflow"]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(set(STYLE_LAYERS) - {'mixstyleflow'})}")
@@ -306,6 +307,6 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from msf_monai.cli import fire_main
 
-    fire.Fire(main)
+    fire_main(main)

@@ -108,6 +108,9 @@ def dumps(config: dict) -> str:
 
 
 def main(check: bool = False) -> int:
+    from msf_monai.cli import as_bool
+
+    check = as_bool(check, "--check")
     stale = []
     for task in TASKS:
         folder = REPO / "bundles" / task / "configs"
@@ -131,6 +134,6 @@ def main(check: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    import fire
+    from msf_monai.cli import fire_main
 
-    sys.exit(fire.Fire(main))
+    sys.exit(fire_main(main))

@@ -89,6 +89,9 @@ def evaluate_checkpoints(
     reuse: bool = False, **overrides,
 ) -> dict[str, Path]:
     """Run ``evaluate.json`` for each checkpoint; returns ``{name: summary.json path}``."""
+    from msf_monai.cli import as_bool
+
+    reuse = as_bool(reuse, "--reuse")
     root = bundle_dir(bundle)
     checkpoints = [str(Path(c).resolve()) for c in checkpoints]
     if not checkpoints:
@@ -154,6 +157,6 @@ def main(bundle: str, *checkpoints: str, names=None, output_dir: str | None = No
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    import fire
+    from msf_monai.cli import fire_main
 
-    fire.Fire(main)
+    fire_main(main)

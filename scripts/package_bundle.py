@@ -89,6 +89,9 @@ def package(
             ``models/style_flows.pt``); written into the archive's inference/evaluation configs.
         style_shift: include the style-shift files (Phase I network, flows, calibration).
     """
+    from msf_monai.cli import as_bool
+
+    style_shift = as_bool(style_shift, "--style_shift")
     root = Path(bundle_root) if bundle_root else REPO / "bundles" / bundle
     configs, models = root / "configs", root / "models"
     if not (configs / "metadata.json").is_file():
@@ -155,6 +158,6 @@ def package(
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    import fire
+    from msf_monai.cli import fire_main
 
-    fire.Fire(package)
+    fire_main(package)

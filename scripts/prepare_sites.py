@@ -38,6 +38,9 @@ def main(source: str, dest: str, sites="SiteA=0-28,SiteB=29-38", copy: bool = Fa
         sites: ``NAME=FIRST-LAST`` case-number ranges, comma separated.
         copy: copy the files instead of linking them.
     """
+    from msf_monai.cli import as_bool
+
+    copy = as_bool(copy, "--copy")
     src = Path(source).resolve()
     if not src.is_dir():
         raise SystemExit(f"source folder not found: {src}")
@@ -69,6 +72,6 @@ def main(source: str, dest: str, sites="SiteA=0-28,SiteB=29-38", copy: bool = Fa
 
 
 if __name__ == "__main__":
-    import fire
+    from msf_monai.cli import fire_main
 
-    fire.Fire(main)
+    fire_main(main)

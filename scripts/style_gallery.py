@@ -175,6 +175,6 @@ def make_gallery(bundle: str = "prostate", output: str | None = None, ckpt_dir: 
 
 
 if __name__ == "__main__":
-    import fire
+    from msf_monai.cli import fire_main
 
-    fire.Fire(make_gallery)
+    fire_main(make_gallery)

@@ -61,16 +61,33 @@ def test_evaluate_script_table_matches_per_case_csvs(tmp_path):
 def test_benchmark_script_trains_evaluates_and_tabulates(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     work = tmp_path / "bench"
-    text = _script(REPO / "scripts" / "benchmark_dg.py", bundle, "--methods", "none,randconv", "--seeds", "0",
-                   "--fraction", "0.5", "--work_dir", work, "--image_size", "32", "--epochs", "1", "--batch_size", "8",
-                   "--gallery", "false", cwd=tmp_path)
-    assert "Phase I" in text and "RandConv" in text and "benchmark finished" in text
-    assert (work / "seed0" / "models" / "phase1_model.pt").is_file()
-    assert (work / "seed0" / "models" / "model_randconv.pt").is_file()
+    args = [REPO / "scripts" / "benchmark_dg.py", bundle, "--methods", "none,randconv(style_p=1.0, label=RandConv always)",
+            "--seeds", "0", "--fraction", "0.5", "--work_dir", work, "--image_size", "32", "--epochs", "1",
+            "--batch_size", "8", "--gallery", "false"]
+    text = _script(*args, cwd=tmp_path)
+    assert "Phase I" in text and "RandConv always" in text and "benchmark finished" in text
+    models = work / "seed0" / "models"
+    assert (models / "phase1_model.pt").is_file()
+    assert (models / "model_randconv_style_p-1.0.pt").is_file()  # an arm with settings keeps its own files
     rows = _read_csv(work / "dg_table.csv")
-    assert [r["model"] for r in rows] == ["Baseline", "RandConv"]
+    assert [r["model"] for r in rows] == ["Baseline", "RandConv always"]
+    ablation = (work / "ablation.md").read_text()
+    assert "| RandConv always | 1 |" in ablation and "sign test p" in ablation
+    assert not (work / "style_gallery.png").exists()  # --gallery false means no gallery
     log = (work / "seed0" / "logs" / "phase1.log").read_text()
     assert "train_fraction 0.50" in log  # the low-data regime reached the training run
+    assert "style_p" in (work / "seed0" / "logs" / "phase3_randconv_style_p-1.0.log").read_text()
+
+    # --reuse: finished runs are skipped; a run whose saved state is unfinished (a *_final.pt is
+    # also written on Ctrl-C) is trained again
+    state_file = models / "model_randconv_style_p-1.0_resume.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["finished"], state["epoch"] = False, 0
+    torch.save(state, state_file)
+    text = _script(*args, "--reuse", "true", cwd=tmp_path)
+    assert "Phase I: finished before" in text
+    assert "RandConv always: finished before" not in text and "RandConv always (benchmark at" in text
+    assert torch.load(state_file, weights_only=True)["finished"]
 
 
 def test_gallery_columns_stylize():
@@ -87,7 +104,7 @@ def test_gallery_columns_stylize():
     labels = (torch.rand(3, 1, 32, 32) > 0.7).float()
     cols = gallery_columns(net, bank, images, labels, temperatures=(1.0, 3.5))
     expected = {"clean", "reconstruction", "mixstyle", "dsu", "trid", "efdm", "randconv", "maxstyle (adversarial)",
-                "MixStyleFlow T=1", "MixStyleFlow T=3.5"}
+                "MixStyleFlow T=1", "MixStyleFlow T=3.5", "MSF residual T=1", "MSF residual T=3.5"}
     assert set(cols) == expected
     for name, batch in cols.items():
         assert batch.shape == images.shape and torch.isfinite(batch).all(), name

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 
 import numpy as np
 import pytest
 import torch
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.losses import DiceCELoss
 
+from training_utils import tiny_loader, tiny_trainer
 from msf_monai.engines import DualDecoderIteration, MixStyleFlowIteration, add_image_noise, rescale_to_reference
 from msf_monai.handlers import (
     PerCaseDiceWriter,
@@ -21,24 +23,6 @@ from msf_monai.handlers import (
 )
 from msf_monai.networks import DualDecoderNet
 from msf_monai.styles import MixStyleFlow
-
-
-def _batches(n=2, size=32, batch=4):
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(n * batch):
-        label = torch.zeros(1, size, size)
-        label[:, 8:20, 10:24] = 1
-        data.append({"image": torch.rand(1, size, size, generator=g) * 0.5 + 0.3 * label, "label": label})
-    return torch.utils.data.DataLoader(data, batch_size=batch)
-
-
-def _trainer(net, iteration, loader):
-    return SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
-        optimizer=torch.optim.AdamW(net.parameters(), 1e-3), loss_function=DiceCELoss(sigmoid=True),
-        iteration_update=iteration,
-    )
 
 
 def test_noise_and_rescale():
@@ -57,7 +41,7 @@ def test_noise_and_rescale():
 def test_phase1_iteration_fires_events_and_combines_losses():
     torch.manual_seed(0)
     net = DualDecoderNet()
-    trainer = _trainer(net, DualDecoderIteration(rec_weight=0.5, noise_std=0.05), _batches())
+    trainer = tiny_trainer(net, DualDecoderIteration(rec_weight=0.5, noise_std=0.05), tiny_loader())
     fired = []
     trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, lambda e: fired.append(e.state.iteration))
     before = [p.detach().clone() for p in net.parameters()]
@@ -78,7 +62,7 @@ def test_mixstyleflow_iteration_stylizes_and_sums_four_terms():
     torch.manual_seed(0)
     styles = {k: MixStyleFlow(_constant_style_sampler(c), p=1.0, lam=0.0) for k, c in {2: 32, 3: 16, 4: 16}.items()}
     net = DualDecoderNet(image_decoder_styles=styles)
-    trainer = _trainer(net, MixStyleFlowIteration(stylized_weight=1.0), _batches(n=1))
+    trainer = tiny_trainer(net, MixStyleFlowIteration(stylized_weight=1.0), tiny_loader(n_batches=1))
     trainer.run()
     out = trainer.state.output[0]
     terms = [float(out[k]) for k in ("seg_loss", "rec_loss", "seg_loss_stylized", "rec_loss_stylized")]
@@ -96,7 +80,7 @@ def test_mixstyleflow_iteration_stylizes_and_sums_four_terms():
 
 
 def test_mixstyleflow_iteration_requires_style_layers():
-    trainer = _trainer(DualDecoderNet(), MixStyleFlowIteration(), _batches(n=1))
+    trainer = tiny_trainer(DualDecoderNet(), MixStyleFlowIteration(), tiny_loader(n_batches=1))
     with pytest.raises(RuntimeError, match="image_decoder_styles"):
         trainer.run()
 
@@ -104,7 +88,7 @@ def test_mixstyleflow_iteration_requires_style_layers():
 def test_style_statistics_match_a_direct_computation(tmp_path):
     torch.manual_seed(0)
     net = DualDecoderNet().eval()
-    loader = _batches(n=2, batch=3)
+    loader = tiny_loader(n_batches=2, batch=3)
     recorder = StyleStatisticsRecorder(layers=(2, 3, 4), output_path=tmp_path / "stats.npz")
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"), val_data_loader=loader, network=net,
@@ -191,7 +175,7 @@ def test_data_wait_timer_measures_a_slow_loader():
 
     torch.manual_seed(0)
     net = DualDecoderNet()
-    trainer = _trainer(net, DualDecoderIteration(), _SlowLoader(_batches(n=2)))
+    trainer = tiny_trainer(net, DualDecoderIteration(), _SlowLoader(tiny_loader(n_batches=2)))
     timer = DataWaitTimer()
     timer.attach(trainer)
     trainer.run()
@@ -201,19 +185,21 @@ def test_data_wait_timer_measures_a_slow_loader():
     assert record["data_wait_s"] < record["epoch_s"]
 
 
-def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss():
+@pytest.mark.parametrize("stylized_bn", ["train", "frozen"])
+def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylized_bn):
     """MixStyleFlowIteration back-propagates the clean terms before the stylized pass (to halve
-    peak memory); the accumulated gradient must equal that of one backward of the total loss."""
+    peak memory); the accumulated gradient must equal that of one backward of the total loss.
+    With ``stylized_bn="frozen"`` the stylized terms see the batch-norm weights as constants."""
     from types import SimpleNamespace
 
-    from msf_monai.engines import add_image_noise, rescale_to_reference
+    from msf_monai.engines import add_image_noise, frozen_batchnorm_statistics, rescale_to_reference
 
     def make():
         torch.manual_seed(0)
         styles = {k: MixStyleFlow(_constant_style_sampler(c), p=1.0, lam=0.3) for k, c in {2: 32, 3: 16, 4: 16}.items()}
         return DualDecoderNet(image_decoder_styles=styles).train()
 
-    batch = next(iter(_batches(n=1)))
+    batch = next(iter(tiny_loader(n_batches=1)))
     x, y = batch["image"], batch["label"]
     loss_fn = DiceCELoss(sigmoid=True)
     mse = torch.nn.MSELoss()
@@ -221,7 +207,8 @@ def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss():
     net_a = make()
     engine = SimpleNamespace(network=net_a, loss_function=loss_fn, state=SimpleNamespace(output={}), fire_event=lambda e: None)
     torch.manual_seed(1)
-    terms = MixStyleFlowIteration(rec_weight=0.5).forward_backward(engine, x, y, lambda loss: loss.backward())
+    iteration = MixStyleFlowIteration(rec_weight=0.5, stylized_bn=stylized_bn)
+    terms = iteration.forward_backward(engine, x, y, lambda loss: loss.backward())
 
     net_b = make()
     torch.manual_seed(1)
@@ -229,7 +216,12 @@ def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss():
     seg, rec = net_b.segment(z), net_b.reconstruct(z)
     with torch.no_grad():
         stylized = rescale_to_reference(net_b.reconstruct(z.detach(), stylize=True), x)
-    seg_s, rec_s = net_b(stylized)
+    params = dict(net_b.named_parameters())
+    if stylized_bn == "frozen":  # the stylized pass with the batch-norm parameters as constants
+        bn = {f"{n}.{p}" for n, m in net_b.named_modules() if isinstance(m, torch.nn.BatchNorm2d) for p in ("weight", "bias")}
+        params = {n: t.detach() if n in bn else t for n, t in params.items()}
+    with frozen_batchnorm_statistics(net_b) if stylized_bn == "frozen" else contextlib.nullcontext():
+        seg_s, rec_s = torch.func.functional_call(net_b, params, (stylized,))
     total = loss_fn(seg, y) + 0.5 * mse(rec, x) + loss_fn(seg_s, y) + 0.5 * mse(rec_s, x)
     total.backward()
 

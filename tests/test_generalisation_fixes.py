@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines import SupervisedEvaluator
 from monai.losses import DiceCELoss
 
 from bundle_utils import SHARED_DATA, check, copy_bundle, run_bundle
+from training_utils import tiny_loader, tiny_trainer
 from msf_monai.engines import MixStyleFlowIteration, rescale_to_reference
 from msf_monai.flows import StyleFlowBank, sample_flow
 from msf_monai.handlers import PerturbationMonitor, StyleStatisticsIteration, StyleStatisticsRecorder
@@ -20,24 +21,6 @@ from msf_monai.methods import get_method
 from msf_monai.networks import DualDecoderNet, SegmentationView, build_network, checkpoint_architecture
 from msf_monai.report import ablation_table, sign_test
 from msf_monai.styles import GIN, MixStyleFlow, mixstyleflow_layers
-
-
-def _loader(n_batches=1, size=32, batch=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    data = []
-    for _ in range(n_batches * batch):
-        label = torch.zeros(1, size, size)
-        label[:, 8:20, 10:24] = 1
-        data.append({"image": torch.rand(1, size, size, generator=g) * 0.5 + 0.3 * label, "label": label})
-    return torch.utils.data.DataLoader(data, batch_size=batch)
-
-
-def _trainer(net, iteration, loader, handlers=None):
-    return SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
-        optimizer=torch.optim.AdamW(net.parameters(), 1e-3), loss_function=DiceCELoss(sigmoid=True),
-        iteration_update=iteration, train_handlers=handlers,
-    )
 
 
 def _styled_net(mean=3.0, std=2.0):
@@ -57,8 +40,8 @@ def _stylized_bn_effect(stylized_bn: str):
     net = _styled_net()
     ref = _styled_net()
     ref.load_state_dict(net.state_dict())
-    loader = _loader()
-    _trainer(net, MixStyleFlowIteration(stylized_bn=stylized_bn, noise_std=0.0), loader).run()
+    loader = tiny_loader(n_batches=1)
+    tiny_trainer(net, MixStyleFlowIteration(stylized_bn=stylized_bn, noise_std=0.0), loader).run()
     # reference: only the clean pass of the same batch updates batch norm
     ref.train()
     ref(next(iter(loader))["image"])
@@ -86,7 +69,7 @@ def test_old_behaviour_lets_the_stylized_pass_update_batchnorm():
 def test_stylized_pass_gives_batchnorm_affine_parameters_no_gradient():
     torch.manual_seed(0)
     net = _styled_net()
-    batch = next(iter(_loader()))
+    batch = next(iter(tiny_loader(n_batches=1)))
     grads = {}
 
     class Capture:  # what forward_backward reads from the engine
@@ -121,7 +104,7 @@ def test_phase2_statistics_equal_the_phase3_regime(tmp_path):
     for _ in range(2):  # running statistics that differ from any single batch's
         net(torch.rand(4, 1, 32, 32))
     buffers = _bn_buffers(net)
-    loader = _loader(n_batches=2, batch=3)
+    loader = tiny_loader(n_batches=2, batch=3)
 
     def record(iteration, layers=(2, 3, 4)):
         recorder = StyleStatisticsRecorder(layers=layers)
@@ -184,10 +167,11 @@ def test_relative_guard_keeps_samples_within_the_observed_range(tmp_path):
     low, high = bank.sampling_bounds(2, "mean")
     outside = ((raw < low) | (raw > high)).any(dim=1)
     assert int(outside.sum()) > 0  # the perturbed flow does emit outliers ...
-    # ... and with channel 0 far off every row is outside: the guard must fail loudly, not pass them
-    if bool(outside.all()):
-        with pytest.raises(RuntimeError, match="bounds"):
-            bank.sample(2, 50)
+    # ... and with channel 0 far off every row stays outside: after the redraws they are pulled
+    # into the bounds, never passed on
+    assert bool(outside.all())
+    mean, _ = bank.sample(2, 50)
+    assert bool(((mean >= low) & (mean <= high)).all()) and bank.last_replaced["mean"] == 50
     # a milder perturbation: some rows out of range, replaced and counted
     with torch.no_grad():
         actnorm.shift[0] -= 50.0
@@ -208,6 +192,12 @@ def test_relative_guard_keeps_samples_within_the_observed_range(tmp_path):
     np.testing.assert_allclose(low2.numpy(), obs.min(0) - 0.5 * width, rtol=1e-4)
     bank.guard_range = None
     assert bank.sampling_bounds(2, "mean") is None
+    # a channel that was constant in the data gives no range: it is left unbounded
+    bank.guard_range = 1.0
+    bank.observed[2]["mean"]["high"] = bank.observed[2]["mean"]["low"].clone()
+    low3, high3 = bank.sampling_bounds(2, "mean")
+    assert torch.isinf(low3).all() and torch.isinf(high3).all()
+    bank.observed[2]["mean"]["high"] = torch.as_tensor(obs.max(0), dtype=torch.float32)
     # the observed range travels with the checkpoint
     bank.guard_range = 1.0
     bank.save(tmp_path / "flows.pt")
@@ -251,7 +241,7 @@ def test_perturbation_is_measured_and_logged(tmp_path):
     net = _styled_net()
     bank, _ = _fitted_bank()
     monitor = PerturbationMonitor(tmp_path / "perturbation.json")
-    _trainer(net, MixStyleFlowIteration(stylize_mode="residual"), _loader(n_batches=2), [monitor]).run()
+    tiny_trainer(net, MixStyleFlowIteration(stylize_mode="residual"), tiny_loader(n_batches=2), [monitor]).run()
     report = json.loads((tmp_path / "perturbation.json").read_text())
     mean = report["mean"]
     assert mean["blur"] == pytest.approx(0.0, abs=1e-5)  # residual: the un-stylized image is the input
@@ -282,9 +272,9 @@ def test_gin_method_trains_with_a_clean_reconstruction_target():
     mse = iteration.rec_loss
     iteration.rec_loss = lambda rec, target: targets.append(target) or mse(rec, target)
     torch.manual_seed(0)
-    trainer = _trainer(DualDecoderNet(), iteration, _loader())
+    trainer = tiny_trainer(DualDecoderNet(), iteration, tiny_loader(n_batches=1))
     trainer.run()
-    batch = next(iter(_loader()))
+    batch = next(iter(tiny_loader(n_batches=1)))
     assert len(targets) == 1 and torch.equal(targets[0], batch["image"])  # reconstruct the clean image ...
     out = trainer.state.output[0]
     assert not torch.allclose(out["stylized"], out["image"])  # ... from the GIN-augmented one
@@ -295,7 +285,7 @@ def test_reference_unet_trains_and_is_recognised(tmp_path):
     net = build_network(method.architecture)
     assert 1.5e6 < sum(p.numel() for p in net.parameters()) < 1.8e6
     torch.manual_seed(0)
-    trainer = _trainer(net, method.iteration(), _loader())
+    trainer = tiny_trainer(net, method.iteration(), tiny_loader(n_batches=1))
     trainer.run()
     assert float(trainer.state.output[0]["rec_loss"]) == 0.0
     assert SegmentationView(net)(torch.rand(1, 1, 32, 32)).shape == (1, 1, 32, 32)
