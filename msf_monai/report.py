@@ -189,11 +189,14 @@ _PERTURBATION_COLUMNS = (("image_change", "image change"), ("blur", "blur"))
 def ablation_table(
     results: Mapping[str, Sequence[str | Path | Mapping]], source_site: str | None = None, channel: str | None = None,
     perturbations: Mapping[str, Sequence[Mapping[str, float]]] | None = None,
+    seeds: Mapping[str, Sequence[int]] | None = None,
 ) -> str:
     """Markdown ablation table: per row (arm), Dice % on the source validation cases and on the
     unseen domains as mean ± std over seeds, the number of seeds, how many unseen cases are
     better than in the **first** row (each case's Dice averaged over the seeds both rows have)
-    with a two-sided sign-test p-value, and how strong the arm's perturbation was (means of
+    with a two-sided sign-test p-value (``seeds``: the seed of each summary of a row, so that
+    the comparison uses the same seeds; without it the rows' summaries count as the same
+    seeds in order), and how strong the arm's perturbation was (means of
     the Phase III perturbation logs over seeds: the stylized batch's relative distance from
     its un-stylized counterpart, the decoder's blur, and the mean statistics shift of the style
     layers in units of the real statistics' spread)."""
@@ -203,9 +206,9 @@ def ablation_table(
     unseen = [d for d in table.domains if d not in (source_site, UNSEEN_MEAN)]
     rows = list(loaded)
     reference = rows[0]
-    ref_cases = _per_case(loaded[reference], unseen, ch)
+    seed_of = {row: list(seeds[row]) if seeds and row in seeds else list(range(len(loaded[row]))) for row in rows}
     head = (f"| arm | seeds | {source_site} (source val.) | unseen ({', '.join(unseen)}) | unseen cases better than "
-            f"{reference} | sign test p | image change | blur | style shift |")
+            f"{reference} (same seeds) | sign test p | image change | blur | style shift |")
     lines = [head, "|" + "---|" * 9]
     for row in rows:
         n = table.n_runs[row]
@@ -219,7 +222,9 @@ def ablation_table(
         if row == reference:
             better, p = "–", "–"
         else:
-            cases = _per_case(loaded[row], unseen, ch)
+            shared = set(seed_of[row]) & set(seed_of[reference])
+            cases = _per_case([s for s, k in zip(loaded[row], seed_of[row]) if k in shared], unseen, ch)
+            ref_cases = _per_case([s for s, k in zip(loaded[reference], seed_of[reference]) if k in shared], unseen, ch)
             common = sorted(set(cases) & set(ref_cases))
             wins = sum(cases[c] > ref_cases[c] for c in common)
             losses = sum(cases[c] < ref_cases[c] for c in common)

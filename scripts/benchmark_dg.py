@@ -167,9 +167,37 @@ def run_finished(resume_file: Path) -> bool:
     return bool(state.get("finished")) if isinstance(state, dict) else False
 
 
+class _NotTrained(Exception):
+    """``--train false`` and this run has not finished."""
+
+
+def _train_arm(arm: Arm, base: dict, models: Path, logs: Path, tag: str, timed, flow_epochs: int | None) -> Path:
+    """Train one arm for one seed (its Phase II first where it needs flows); returns its checkpoint."""
+    if arm.method.name == "none":
+        return models / "phase1_model.pt"
+    # None must reach the config as None (run_config leaves None-valued ids out)
+    run = {**base, "style_method": arm.method.name, "output_dir": str(logs / arm.log_folder()),
+           **{k: "None" if v is None else v for k, v in arm.phase3.items()}}
+    if arm.settings:
+        run["checkpoint_name"] = arm.checkpoint_name()
+    if arm.method.needs_flows:
+        flows = models / arm.flow_file()
+        phase2 = {k: v for k, v in base.items() if k not in ("epochs", "lr")}
+        phase2.update(arm.phase2, flow_checkpoint=str(flows), style_source=arm.method.style_source,
+                      output_dir=str(logs / flows.stem))
+        if flow_epochs is not None:
+            phase2["epochs"] = flow_epochs
+        timed(f"{tag} Phase II ({flows.name})", "phase2", phase2, logs / f"{flows.stem}.log",
+              flows.with_name(flows.stem + "_resume.pt"))
+        run["flow_checkpoint"] = str(flows)
+    checkpoint = models / arm.checkpoint_name()
+    timed(f"{tag} {arm.label}", "phase3", run, logs / f"{arm.log_folder()}.log", checkpoint.with_name(checkpoint.stem + "_resume.pt"))
+    return checkpoint
+
+
 def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", seeds="0", fraction: float = 1.0,
          work_dir: str | None = None, source_site: str | None = None, flow_epochs: int | None = None,
-         gallery: bool = True, reuse: bool = False, **overrides) -> None:
+         gallery: bool = True, reuse: bool = False, train: bool = True, **overrides) -> None:
     """Train, evaluate and tabulate the selected arms.
 
     Args:
@@ -185,12 +213,16 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         gallery: write the stylized-image gallery for the first seed.
         reuse: continue an interrupted benchmark: skip runs that finished, resume unfinished
             training runs from their checkpoints (otherwise every run starts fresh).
+        train: ``false``: train nothing, tabulate the runs that finished (e.g. the arms of several
+            earlier calls with the same ``--work_dir``, or of a benchmark still running); arms and
+            seeds without a finished run are left out. Implies ``--reuse``.
         overrides: other config ids for every run (``--dataset_dir``, ``--epochs``, ``--image_size``, ...).
     """
     from msf_monai.cli import as_bool
     from msf_monai.report import ablation_table
 
-    gallery, reuse = as_bool(gallery, "--gallery"), as_bool(reuse, "--reuse")
+    gallery, reuse, train = as_bool(gallery, "--gallery"), as_bool(reuse, "--reuse"), as_bool(train, "--train")
+    reuse = reuse or not train
     root = bundle_dir(bundle)
     arms = parse_arms(methods)
     seed_list = [int(s) for s in as_list(seeds)]
@@ -206,6 +238,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
     if reuse and record_file.is_file():  # keep the timings of the runs an earlier call finished
         record["runs"] = json.loads(record_file.read_text()).get("runs", [])
     results: dict[str, list[Path]] = {a.label: [] for a in arms}
+    seeds_of: dict[str, list[int]] = {a.label: [] for a in arms}
     perturbations: dict[str, list[dict]] = {a.label: [] for a in arms}
     start = time.time()
     print(f"benchmark: {len(arms)} arm(s) x {len(seed_list)} seed(s), source domain {source}, output {work}", flush=True)
@@ -214,6 +247,9 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         if reuse and run_finished(done):
             print(f"  {label}: finished before ({done}), reusing it", flush=True)
             return
+        if not train:
+            print(f"  {label}: not finished, left out (--train false)", flush=True)
+            raise _NotTrained(label)
         t0 = time.time()
         run_config(root, config, args, log, f"{label} (benchmark at {t0 - start:.0f} s)")
         record["runs"].append({"run": label, "config": config, "seconds": round(time.time() - t0, 1)})
@@ -222,8 +258,10 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
 
     def tables(n_seeds: int) -> None:
         done = {k: v for k, v in results.items() if v}
+        if not done:
+            return
         print(write_table(done, work, source, f"{root.name}: Dice per domain ({n_seeds} seed(s))"), flush=True)
-        table = ablation_table(done, source_site=source, perturbations=perturbations)
+        table = ablation_table(done, source_site=source, perturbations=perturbations, seeds=seeds_of)
         (work / "ablation.md").write_text(table + "\n")
         print(table, flush=True)
 
@@ -235,40 +273,27 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         base = {**common, "seed": seed, "train_fraction": fraction, "ckpt_dir": str(models), "resume": bool(reuse)}
         tag = f"[seed {seed} ({si + 1}/{len(seed_list)})]"
         needs_phase1 = any(a.method.name == "none" or a.method.needs_flows or a.settings.get("init_from_phase1") for a in arms)
-        if needs_phase1 or (gallery and si == 0):
-            timed(f"{tag} Phase I", "phase1", {**base, "output_dir": str(logs / "phase1")}, logs / "phase1.log",
-                  models / "phase1_model_resume.pt")
+        try:
+            if needs_phase1 or (gallery and si == 0):
+                timed(f"{tag} Phase I", "phase1", {**base, "output_dir": str(logs / "phase1")}, logs / "phase1.log",
+                      models / "phase1_model_resume.pt")
+        except _NotTrained:
+            continue
         for arm in arms:
-            if arm.method.name == "none":
-                checkpoint = models / "phase1_model.pt"
-            else:
-                # None must reach the config as None (run_config leaves None-valued ids out)
-                run = {**base, "style_method": arm.method.name, "output_dir": str(logs / arm.log_folder()),
-                       **{k: "None" if v is None else v for k, v in arm.phase3.items()}}
-                if arm.settings:
-                    run["checkpoint_name"] = arm.checkpoint_name()
-                if arm.method.needs_flows:
-                    flows = models / arm.flow_file()
-                    phase2 = {k: v for k, v in base.items() if k not in ("epochs", "lr")}
-                    phase2.update(arm.phase2, flow_checkpoint=str(flows), style_source=arm.method.style_source,
-                                  output_dir=str(logs / flows.stem))
-                    if flow_epochs is not None:
-                        phase2["epochs"] = flow_epochs
-                    timed(f"{tag} Phase II ({flows.name})", "phase2", phase2, logs / f"{flows.stem}.log",
-                          flows.with_name(flows.stem + "_resume.pt"))
-                    run["flow_checkpoint"] = str(flows)
-                checkpoint = models / arm.checkpoint_name()
-                timed(f"{tag} {arm.label}", "phase3", run, logs / f"{arm.log_folder()}.log",
-                      checkpoint.with_name(checkpoint.stem + "_resume.pt"))
-                perturbation = logs / arm.log_folder() / "perturbation.json"
-                if perturbation.is_file():
-                    perturbations[arm.label].append(json.loads(perturbation.read_text())["mean"])
+            try:
+                checkpoint = _train_arm(arm, base, models, logs, tag, timed, flow_epochs)
+            except _NotTrained:
+                continue
+            perturbation = logs / arm.log_folder() / "perturbation.json"
+            if arm.method.name != "none" and perturbation.is_file():
+                perturbations[arm.label].append(json.loads(perturbation.read_text())["mean"])
             # evaluate each arm as soon as it is trained, so partial tables exist while the rest runs
             t0 = time.time()
             summary = evaluate_checkpoints(str(root), [str(checkpoint)], [arm.label], run_dir / "eval", reuse=reuse,
                                            **{**evaluation, "seed": seed, "ckpt_dir": str(models)})
             record["runs"].append({"run": f"{tag} {arm.label} evaluation", "seconds": round(time.time() - t0, 1)})
             results[arm.label].append(summary[arm.label])
+            seeds_of[arm.label].append(seed)
             tables(si + 1)
         if gallery and si == 0:
             from style_gallery import make_gallery
@@ -279,6 +304,9 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
             except SystemExit as err:  # a gallery problem must not lose the benchmark's results
                 print(f"gallery skipped: {err}")
 
+    if not train:  # the tables only: benchmark.json keeps the training record
+        print(f"tables of the finished runs written to {work}")
+        return
     record["total_seconds"] = round(time.time() - start, 1)
     record_file.write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"benchmark finished in {record['total_seconds']:.0f} s; wrote {record_file}")

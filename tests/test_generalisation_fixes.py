@@ -317,6 +317,14 @@ def test_sign_test_and_ablation_table():
     assert cells[1] == "2" and cells[3] == "68.3 ± 5.0"  # unseen mean ± std over seeds
     assert cells[4] == "3 / 3" and cells[5] == f"{sign_test(3, 0):.3f}"
     assert cells[6:] == ["0.20", "0.10", "2.00"]
+    # with seeds: only the seeds both rows have are compared (seed 1 of "new" alone: 1 of 3 better)
+    text = ablation_table({"base": base, "new": better[1:]}, source_site="A", seeds={"base": [0, 1], "new": [0]})
+    row = [line for line in text.splitlines() if line.startswith("| new")][0]
+    assert [c.strip() for c in row.strip("|").split("|")][4] == "3 / 3"
+    worse = [summary([0.4, 0.7, 0.6])]
+    text = ablation_table({"base": base, "new": worse}, source_site="A", seeds={"base": [0, 1], "new": [1]})
+    row = [line for line in text.splitlines() if line.startswith("| new")][0]
+    assert [c.strip() for c in row.strip("|").split("|")][4] == "1 / 3"
 
 
 def test_encoder_mixstyleflow_samples_from_encoder_flows(tmp_path):
