@@ -19,7 +19,7 @@ from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
 TINY = ("--image_size", "32", "--batch_size", "8", "--val_interval", "1")
 
 
-def _assert_outputs(bundle, n_eval_cases: int, sites: set[str]):
+def _assert_outputs(bundle, n_eval_cases: int, sites: set[str], demo: bool = True):
     models = bundle / "models"
     for name in ("phase1_model.pt", "style_flows.pt", "style_stats.npz", "model.pt"):
         assert (models / name).is_file(), name
@@ -40,7 +40,9 @@ def _assert_outputs(bundle, n_eval_cases: int, sites: set[str]):
     assert list((bundle / "logs" / "phase3" / "stylized").glob("stylized_epoch*.png"))
     # how strong the perturbation was, measured in Phase III
     perturbation = json.loads((bundle / "logs" / "phase3" / "perturbation.json").read_text())["mean"]
-    assert perturbation["image_change"] > 0 and perturbation["blur"] > 0 and "dec2_mean" in perturbation
+    assert perturbation["image_change"] > 0 and "dec2_mean" in perturbation
+    # the stylized image: the decoding on the demo, the residual stylization on real data
+    assert (perturbation["blur"] > 0) == demo
     # evaluation: one row per patient, Dice in [0, 1], per-site means
     with open(bundle / "eval" / "model_per_case.csv") as f:
         rows = list(csv.DictReader(f))
@@ -107,7 +109,7 @@ def test_real_volumes_in_multisite_layout(tmp_path):
     check(run_bundle(tmp_path, "phase3", *common, "--batch_size", "8", "--epochs", "1", "--image_log_interval", "1"))
     check(run_bundle(tmp_path, "evaluate", *common))
     # source site: its validation patient(s) only (20 % of 5 -> 1); site B: every patient
-    _assert_outputs(bundle, n_eval_cases=1 + 2, sites={"A", "B"})
+    _assert_outputs(bundle, n_eval_cases=1 + 2, sites={"A", "B"}, demo=False)
     assert not (bundle / "demo_data").exists()
     # inference: a NIfTI mask per volume, on the original grid with the original affine
     check(run_bundle(tmp_path, "inference", "--input_dir", str(data / "B"), "--image_size", "32"))
