@@ -208,7 +208,8 @@ class StylizedBatchIteration(DualDecoderIteration):
     ``loss = seg(clean) + rec(clean) + stylized_weight * (seg(stylized) + rec(stylized))``
     (the papers use weight 1 for all four terms). ``engine.state.output["stylized"]`` holds the
     stylized batch for image logging, ``engine.state.perturbation`` its size (see
-    :meth:`measure`; on the state, not in the output, which MONAI decollates per image). Subclasses implement :meth:`stylize`.
+    :meth:`measure`; on the state, not in the output, which MONAI decollates per image).
+    Subclasses implement :meth:`stylize`.
 
     Args:
         stylized_weight: weight of the two stylized terms.

@@ -467,8 +467,8 @@ def sample_flow(
     (low [C], high [C])``) an entry outside ``[low, high]`` are redrawn at the same temperature
     up to ``max_tries`` rounds, then at temperature 1 (up to ``max_tries`` more rounds); rows
     still outside the bounds are then clamped into them (with a warning), and rows still
-    non-finite or over ``max_abs`` raise a ``RuntimeError``. ``n_replaced`` is the number of rows of the
-    first draw that had to be replaced. Reproducible: pass a seeded ``torch.Generator`` (or seed
+    non-finite or over ``max_abs`` raise a ``RuntimeError``. ``n_replaced`` is the number of rows
+    of the first draw that had to be replaced. Reproducible: pass a seeded ``torch.Generator`` (or seed
     the global RNG with ``torch.manual_seed``).
     """
     n = int(n)
@@ -516,7 +516,7 @@ def sample_flow(
                 # finite rows that keep leaving the bounds: pull them in rather than stop training
                 _LOGGER.warning("sample_flow: %d of %d samples stayed outside the guard bounds after resampling; "
                                 "clamped into them", int(bad.sum()), n)
-                x = torch.maximum(torch.minimum(x, high), low)
+                x = x.clamp(low, high)
                 bad = bad_rows(x)
             if bool(bad.any()):
                 raise RuntimeError(
@@ -827,8 +827,9 @@ class StyleFlowBank(nn.Module):
         ``clamp(std, 1e-4)`` for ``"std"`` (so spreads stay positive). Guard: a row with a
         non-finite value, or with a channel outside :meth:`sampling_bounds` (the observed range
         of the fitted statistics widened by :attr:`guard_range` times its width on each side),
-        is redrawn (:func:`sample_flow`). Replaced rows and clamped entries are recorded in :attr:`last_replaced` (totals per layer in :attr:`guard_counts`) and logged
-        as a warning with their number.
+        is redrawn (:func:`sample_flow`). Replaced rows and clamped entries are recorded in
+        :attr:`last_replaced` (totals per layer in :attr:`guard_counts`) and logged as a warning
+        with their number.
         """
         key = self._check_layer(layer)
         t = self.temperatures[key] if temperature is None else float(temperature)

@@ -33,7 +33,6 @@ from monai.utils.enums import CommonKeys as Keys
 
 __all__ = [
     "StyleStatisticsIteration",
-    "style_statistics_iteration",
     "PerturbationMonitor",
     "StyleStatisticsRecorder",
     "StyleFlowFitter",
@@ -99,9 +98,6 @@ class StyleStatisticsIteration:
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
-
-#: the statistics of this package before 0.3: eval-mode batch norm on clean images
-style_statistics_iteration = StyleStatisticsIteration(regime="eval")
 
 
 class StyleStatisticsRecorder:
@@ -345,14 +341,15 @@ class PerturbationMonitor:
     the stylized batch's relative distance from its un-stylized counterpart, the decoder's
     blur, and each style layer's statistics shift in units of the real statistics' spread) over
     each epoch, logs one line per epoch, and writes the per-epoch means and the whole run's mean
-    to ``output_file`` (JSON) when training completes. Steps without a perturbation (the style
-    layers were inactive, p < 1) are not counted; ``active_share`` is the share of steps with one.
+    to ``output_file`` (JSON) when training completes. Each quantity is averaged over the steps
+    that measured it (a style layer that was inactive in a step, p < 1, measures nothing);
+    ``active_share`` is the share of steps that measured anything.
     """
 
     def __init__(self, output_file: str | os.PathLike | None = None):
         self.output_file = output_file
         self._epoch: dict[str, list[float]] = defaultdict(list)
-        self._steps = 0
+        self._steps = self._active = 0
         self.epochs: list[dict[str, float]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -366,22 +363,20 @@ class PerturbationMonitor:
         engine.state.perturbation = None  # one measurement per step
         for key, value in (values or {}).items():
             self._epoch[key].append(float(value))
-        if values:
-            self._epoch["active_share"].append(1.0)
+        self._active += bool(values)
 
     def _epoch_done(self, engine: Engine) -> None:
         if not self._epoch:
-            self._steps = 0
+            self._steps = self._active = 0
             return
-        active = len(self._epoch.pop("active_share", []))
         means = {k: float(np.mean(v)) for k, v in sorted(self._epoch.items())}
-        means["active_share"] = active / max(1, self._steps)
+        means["active_share"] = self._active / max(1, self._steps)
         means["epoch"] = int(engine.state.epoch)
         self.epochs.append(means)
         logger.info("epoch %d perturbation: %s", engine.state.epoch,
                     ", ".join(f"{k} {v:.3f}" for k, v in means.items() if k != "epoch"))
         self._epoch.clear()
-        self._steps = 0
+        self._steps = self._active = 0
 
     def summary(self) -> dict[str, float]:
         """Mean over the epochs of each measured quantity."""

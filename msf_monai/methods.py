@@ -75,6 +75,11 @@ class DGMethod:
         """Phase II's ``style_source`` whose flows the method samples (``image_decoder`` or ``encoder``)."""
         return "encoder" if self.where == "encoder" else "image_decoder"
 
+    def phase2_command(self, bundle_root: str | None = None) -> str:
+        """The Phase II command that fits the flows this method samples (for missing-file hints)."""
+        base = phase_command(bundle_root, "phase2") if bundle_root else "the bundle's phase2.json (Phase II)"
+        return base + ("" if self.style_source == "image_decoder" else " --style_source encoder")
+
     def flow_file(self) -> str:
         """Phase II's flow checkpoint name for :attr:`style_source` (see ``phase2.json``)."""
         return flow_file_name(self.style_source)
@@ -97,8 +102,7 @@ class DGMethod:
 
         if flow_checkpoint is None:
             raise ConfigValueError(f"style_method {self.name!r} needs flow_checkpoint (Phase II's {self.flow_file()})")
-        what = "phase2" if self.style_source == "image_decoder" else "phase2 --style_source encoder"
-        hint = f"{phase_command(bundle_root, 'phase2')}{'' if self.style_source == 'image_decoder' else ' --style_source encoder'}" if bundle_root else f"the bundle's {what}.json (Phase II)"
+        hint = self.phase2_command(bundle_root)
         bank = StyleFlowBank.load(require_file(flow_checkpoint, hint), map_location=device)
         source = bank.metadata.get("style_source", "image_decoder")
         if source != self.style_source:

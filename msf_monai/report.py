@@ -183,7 +183,7 @@ def _per_case(summaries: Sequence[Mapping], sites: Sequence[str], channel: str) 
     return {k: float(np.mean(v)) for k, v in values.items()}
 
 
-_PERTURBATION_COLUMNS = (("image_change", "image change"), ("blur", "blur"))
+_PERTURBATION_COLUMNS = ("image_change", "blur")
 
 
 def ablation_table(
@@ -231,7 +231,7 @@ def ablation_table(
             better, p = f"{wins} / {len(common)}", f"{sign_test(wins, losses):.3f}"
         runs = [r for r in (perturbations or {}).get(row, []) if r]
         pert = []
-        for key, _ in _PERTURBATION_COLUMNS:
+        for key in _PERTURBATION_COLUMNS:
             vals = [r[key] for r in runs if key in r]
             pert.append(f"{np.mean(vals):.2f}" if vals else "-")
         shifts = [np.mean([v for k, v in r.items() if k.endswith(("_mean", "_std"))]) for r in runs

@@ -138,7 +138,8 @@ def mix_feature_style(
     sigma_new: torch.Tensor,
     lam: float | torch.Tensor,
     eps: float = 1e-6,
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Re-style ``x`` with a mixture of its own and new statistics (MixStyleFlow, eq. 7).
 
     ``f_bar = (f - mu(f)) / sigma(f)`` with detached ``mu, sigma``;
@@ -151,6 +152,8 @@ def mix_feature_style(
         lam: weight of the original style: a float, a ``[B]`` or a ``[B, 1, 1, 1]`` tensor.
             ``lam = 1`` returns ``x`` (up to rounding), ``lam = 0`` imposes the new style.
         eps: added to the variance of ``x``.
+        return_stats: also return ``(mu, sigma)`` of ``x`` and the applied ``(beta_mix, gamma_mix)``
+            (``[B, C, 1, 1]`` each), e.g. to measure the perturbation without a second pass.
     """
     dtype = _compute_dtype(x)
     mu, sigma = channel_stats(x.detach(), eps)
@@ -159,7 +162,8 @@ def mix_feature_style(
     lam = _as_lam(lam, x, dtype)
     gamma_mix = lam * sigma + (1.0 - lam) * sigma_new
     beta_mix = lam * mu + (1.0 - lam) * mu_new
-    return _restyle(x, mu, sigma, beta_mix, gamma_mix)
+    out = _restyle(x, mu, sigma, beta_mix, gamma_mix)
+    return (out, (mu, sigma), (beta_mix, gamma_mix)) if return_stats else out
 
 
 def _restyle(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, mu_new: torch.Tensor, sigma_new: torch.Tensor):
@@ -313,19 +317,15 @@ class MixStyleFlow(StyleLayer):
     def stylize(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = self._sample_style(x)
         lam = self._sample_lam(x.shape[0], x.device)
-        if self.style_scale is not None:
-            self.last_shift = self._shift(x, mean, std, lam)
-        return mix_feature_style(x, mean, std, lam, self.eps)
-
-    def _shift(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, lam) -> dict[str, float]:
-        """The perturbation's size in units of the real statistics' spread (see :attr:`last_shift`)."""
-        with torch.no_grad():
-            mu, sigma = (t.flatten(1) for t in channel_stats(x.detach().float(), self.eps))
-            lam_t = torch.as_tensor(lam, dtype=mu.dtype, device=mu.device).reshape(-1, 1) if torch.is_tensor(lam) else lam
-            scale_mu, scale_sigma = (t.to(mu.device).clamp_min(1e-6) for t in self.style_scale)
-            d_mu = ((1.0 - lam_t) * (mean.float() - mu)).abs() / scale_mu
-            d_sigma = ((1.0 - lam_t) * (std.float() - sigma)).abs() / scale_sigma
-        return {"mean": float(d_mu.mean()), "std": float(d_sigma.mean())}
+        if self.style_scale is None:
+            return mix_feature_style(x, mean, std, lam, self.eps)
+        out, own, mixed = mix_feature_style(x, mean, std, lam, self.eps, return_stats=True)
+        with torch.no_grad():  # the perturbation's size in units of the real statistics' spread
+            self.last_shift = {
+                name: float(((m - o).flatten(1).abs() / scale.to(o.device).clamp_min(1e-6)).mean())
+                for name, o, m, scale in zip(("mean", "std"), own, mixed, self.style_scale)
+            }
+        return out
 
     def extra_repr(self) -> str:
         has = "set" if self.style_sampler is not None else "None"

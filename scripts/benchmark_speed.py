@@ -37,7 +37,7 @@ from monai.losses import DiceCELoss
 from msf_monai.cli import as_bool
 from msf_monai.engines import DualDecoderIteration, MixStyleFlowIteration
 from msf_monai.flows import StyleFlowBank
-from msf_monai.handlers import StyleStatisticsRecorder, style_statistics_iteration
+from msf_monai.handlers import StyleStatisticsIteration, StyleStatisticsRecorder
 from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
 from msf_monai.styles import STYLE_LAYERS, mixstyleflow_layers
 
@@ -209,7 +209,7 @@ def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices
     n_batches = max(1, phase2_slices // batch)
     loader = _batches(n_batches, batch, size, channels, seed=1)
     recorder = StyleStatisticsRecorder(layers=(2, 3, 4))
-    evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=net, iteration_update=style_statistics_iteration, val_handlers=[recorder], decollate=False)
+    evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=net, iteration_update=StyleStatisticsIteration(), val_handlers=[recorder], decollate=False)
     t0 = time.perf_counter()
     evaluator.run()
     extract_s = time.perf_counter() - t0

@@ -19,7 +19,7 @@ from msf_monai.handlers import (
     PerCaseDiceWriter,
     StyleStatisticsRecorder,
     StylizedImageSaver,
-    style_statistics_iteration,
+    StyleStatisticsIteration,
 )
 from msf_monai.networks import DualDecoderNet
 from msf_monai.styles import MixStyleFlow
@@ -92,7 +92,7 @@ def test_style_statistics_match_a_direct_computation(tmp_path):
     recorder = StyleStatisticsRecorder(layers=(2, 3, 4), output_path=tmp_path / "stats.npz")
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"), val_data_loader=loader, network=net,
-        iteration_update=style_statistics_iteration, val_handlers=[recorder], decollate=False,
+        iteration_update=StyleStatisticsIteration(regime="eval"), val_handlers=[recorder], decollate=False,
     )
     evaluator.run()
     # reference: forward hooks on the image decoder's up blocks

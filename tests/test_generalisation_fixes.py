@@ -217,6 +217,16 @@ def test_mixstyleflow_layers_take_temperatures_guard_and_measure_shift():
     assert shift is not None and shift["mean"] > 1.0
     with pytest.raises(ValueError, match="temperatures"):
         mixstyleflow_layers(bank, temperatures=[1.0, 2.0])
+    # the shift against a direct computation: style (3, 2), lam 0.25, spreads of the real statistics (2, 4)
+    layer = MixStyleFlow(lambda n: (torch.full((n, 4), 3.0), torch.full((n, 4), 2.0)), p=1.0, lam=0.25,
+                         style_scale=(torch.full((4,), 2.0), torch.full((4,), 4.0))).train()
+    layer(x)
+    mu, sigma = x.mean(dim=(2, 3)), (x.var(dim=(2, 3), unbiased=False) + 1e-6).sqrt()
+    assert layer.last_shift["mean"] == pytest.approx(float((0.75 * (3.0 - mu)).abs().mean() / 2.0), rel=1e-5)
+    assert layer.last_shift["std"] == pytest.approx(float((0.75 * (2.0 - sigma)).abs().mean() / 4.0), rel=1e-5)
+    layer.p = 0.0
+    layer(x)
+    assert layer.last_shift is None  # an inactive call measures nothing
 
 
 def test_residual_stylization_keeps_the_input_detail():
