@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
-    "evaluation_list",
+    "evaluation_split",
     "find_bundle_root",
     "phase_command",
     "require_file",
@@ -161,19 +161,86 @@ def select_sites(datalist: Sequence[dict], sites: str | Sequence[str] | None, ro
     return [d for d in datalist if d["site"] in wanted]
 
 
-def evaluation_list(
-    datalist: Sequence[dict], source_site: str | None, val_fraction: float = 0.2, seed: int = 0
-) -> list[dict]:
-    """Cases to evaluate: every case of the unseen sites, and of the source site only the
-    validation patients (the same split as training), so training cases never inflate the
-    source site's Dice. With ``source_site=None`` every case is evaluated."""
-    from msf_monai.data import split_by_patient
+#: the split settings a training run records and an evaluation must share (with their defaults)
+SPLIT_DEFAULTS = {"seed": 0, "val_fraction": 0.2}
 
-    if source_site is None:
-        return list(datalist)
-    source = select_sites(datalist, source_site)
-    _, source_val = split_by_patient(source, val_fraction=val_fraction, seed=seed)
-    return list(source_val) + [d for d in datalist if d["site"] != source_site]
+
+def evaluation_split(
+    datalist: Sequence[dict],
+    checkpoint: str | os.PathLike | None = None,
+    source_site: str | None = None,
+    seed: int | None = None,
+    val_fraction: float | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+) -> dict:
+    """The cases to evaluate a checkpoint on, and how they were chosen.
+
+    Every case of the unseen sites, and of the source site only the validation patients of the
+    split the checkpoint was trained with, so that training patients never count as source
+    results. The split (``source_site``, ``seed``, ``val_fraction``) comes from the run's
+    training record (:func:`msf_monai.training_record.read_training_record`); ``None`` means
+    "as in training". A value that differs from the record would evaluate another split, and
+    stops with a :class:`ConfigValueError` before any work. Without a record (a bare
+    checkpoint) the given ``source_site`` is split with ``seed``/``val_fraction`` (defaults 0
+    and 0.2); with no source site either, every case is evaluated and the summary says that
+    none is known to be unseen by training.
+
+    Returns ``{"cases": [...], "info": {...}}``; ``info`` (written into the evaluation
+    summary) names the source site, the split settings, how many source cases were evaluated
+    out of how many, and where the split came from.
+    """
+    from msf_monai.data import split_by_patient
+    from msf_monai.training_record import read_training_record
+
+    given = {"source_site": source_site, "seed": seed, "val_fraction": val_fraction}
+    record = read_training_record(checkpoint) if checkpoint is not None else None
+    info: dict = {"record": None if record is None else record["file"]}
+    if record is not None:
+        trained = record["settings"]
+        wrong = [f"--{key} {value!r} (trained with {trained.get(key)!r})" for key, value in given.items()
+                 if value is not None and key in trained and _differs(value, trained.get(key))]
+        if wrong:
+            raise ConfigValueError(
+                f"{checkpoint} was trained with another split of the data than these settings give: {', '.join(wrong)}. "
+                f"Evaluating with them would count training patients as validation ones. Leave them out to use the "
+                f"training run's split (from {record['file']})."
+            )
+        settings = {key: trained.get(key, given[key]) for key in given}
+        trained_dir = trained.get("dataset_dir")
+        if dataset_dir is not None and trained_dir and os.path.abspath(dataset_dir) != os.path.abspath(trained_dir):
+            logging.getLogger("msf_monai.bundle").warning(
+                "evaluating %s on %s, but it was trained on %s: the source site's cases are split as in training",
+                checkpoint, os.path.abspath(dataset_dir), trained_dir)
+            info["trained_on"] = trained_dir
+    else:
+        settings = dict(given)
+    for key, default in SPLIT_DEFAULTS.items():
+        if settings.get(key) is None:
+            settings[key] = default
+    info.update(settings)
+    site = settings["source_site"]
+    if site is None:
+        sites = sorted({d["site"] for d in datalist})
+        if len(sites) > 1:
+            logging.getLogger("msf_monai.bundle").warning(
+                "no training record for %s and no --source_site: every case of %s is evaluated; if one of these sites "
+                "trained the model, its training patients are among them (give --source_site)", checkpoint, sites)
+        info.update(source_cases=0, source_total=0)
+        return {"cases": list(datalist), "info": info}
+    source = select_sites(datalist, site)
+    _, source_val = split_by_patient(source, val_fraction=float(settings["val_fraction"]), seed=int(settings["seed"]))
+    info.update(source_cases=len(source_val), source_total=len(source))
+    logging.getLogger("msf_monai.bundle").info(
+        "evaluating the %d validation case(s) of source site %s (of %d; seed %s, val_fraction %s) and every case of the other sites",
+        len(source_val), site, len(source), settings["seed"], settings["val_fraction"])
+    return {"cases": list(source_val) + [d for d in datalist if d["site"] != site], "info": info}
+
+
+def _differs(given, trained) -> bool:
+    try:
+        return float(given) != float(trained)
+    except (TypeError, ValueError):
+        return str(given) != str(trained)
 
 
 def training_subset(train_list: Sequence[dict], fraction: float = 1.0, seed: int = 0) -> list[dict]:

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -464,11 +464,13 @@ class PerCaseDiceWriter:
 
     Writes ``<output_dir>/<prefix>_per_case.csv`` (one row per case) and
     ``<output_dir>/<prefix>_summary.json`` (per-site mean, std and count per channel, the
-    per-site average over sites, and every case).
+    per-site average over sites, every case, and the ``split``).
 
     Args:
         channel_names: one name per prediction channel, e.g. ``["prostate"]`` or ``["disc", "cup"]``.
         site_key, case_key: entries of the data list that name the site and the case.
+        split: how the cases were chosen (``msf_monai.bundle.evaluation_split``'s ``info``: the
+            source site, its validation cases out of all, the split settings), kept in the summary.
     """
 
     def __init__(
@@ -478,8 +480,10 @@ class PerCaseDiceWriter:
         prefix: str = "dice",
         site_key: str = "site",
         case_key: str = "case",
+        split: Mapping | None = None,
     ):
         self.output_dir = Path(output_dir)
+        self.split = dict(split) if split else None
         self.channel_names = list(channel_names)
         self.prefix, self.site_key, self.case_key = prefix, site_key, case_key
         self.rows: list[dict] = []
@@ -523,11 +527,15 @@ class PerCaseDiceWriter:
             "sites": sites,
             "cases": self.rows,
         }
+        if self.split is not None:
+            self.summary["split"] = self.split
         with open(self.output_dir / f"{self.prefix}_summary.json", "w") as f:
             json.dump(self.summary, f, indent=1)
+        source = (self.split or {}).get("source_site")
         for site, s in sites.items():
             text = ", ".join(f"{name} {s[name]['mean']:.4f}" for name in self.channel_names)
-            logger.info("Dice %s (n=%d): %s", site, s["n"], text)
+            what = f"source validation, n={s['n']} of {self.split.get('source_total')}" if site == source else f"n={s['n']}"
+            logger.info("Dice %s (%s): %s", site, what, text)
         logger.info("wrote %s", self.output_dir / f"{self.prefix}_per_case.csv")
 
 

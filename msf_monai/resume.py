@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .training_record import write_training_record
+
 __all__ = [
     "RESUME_FORMAT",
     "PhaseFinishedError",
@@ -387,6 +389,8 @@ class TrainingCheckpointer:
             remove_stale_temporaries(self.path)
             if self.best_path is not None:
                 remove_stale_temporaries(self.best_path)
+                # which data and split train this model: evaluation reads it back
+                write_training_record(self.best_path, self.settings)
         if not self.resume:
             if self.path.is_file() and _is_rank_zero():
                 self.path.unlink()

@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +117,18 @@ def evaluate_checkpoints(
     return summaries
 
 
+def recorded_source_site(summaries: Iterable[Path]) -> str | None:
+    """The source site that evaluate.json used for these summaries (from each training run's
+    record); an error when the checkpoints were trained on different sites."""
+    from msf_monai.report import load_summary
+
+    sites = {load_summary(p).get("split", {}).get("source_site") for p in summaries}
+    if len(sites) > 1:
+        raise SystemExit(f"the checkpoints were trained on different source sites {sorted(map(str, sites))}: "
+                         "tabulate them separately, or give --source_site")
+    return next(iter(sites), None)
+
+
 def write_table(results: Mapping[str, Sequence[Path]], output_dir: str | Path, source_site: str | None, title: str) -> str:
     """Write ``dg_table.{md,csv,png}`` for ``{row: [summary files]}``; returns the markdown."""
     from msf_monai.report import dg_table, load_summary
@@ -141,17 +153,20 @@ def main(bundle: str, *checkpoints: str, names=None, output_dir: str | None = No
         checkpoints: model checkpoints (plain state dicts, e.g. ``models/model_dsu.pt``).
         names: row names, comma separated (default: the checkpoint file names).
         output_dir: where the table and per-case files go (default ``<bundle>/eval/dg_table``).
-        source_site: the training domain, shown first and left out of the unseen mean
-            (default: the bundle's ``source_site`` for this dataset).
+        source_site: the training domain: only its validation patients (the training run's
+            split) are evaluated; shown first and left out of the unseen mean (default: the
+            domain recorded with each checkpoint's training run, else the bundle's default).
         reuse: skip checkpoints whose summary is newer than the checkpoint.
         overrides: any other ``evaluate.json`` id, e.g. ``--dataset_dir``, ``--image_size``.
     """
     root = bundle_dir(bundle)
     out = Path(output_dir) if output_dir else root / "eval" / "dg_table"
     print(f"evaluating {len(checkpoints)} checkpoint(s) with {root / 'configs' / 'evaluate.json'}", flush=True)
+    if source_site is not None:
+        overrides["source_site"] = source_site
     summaries = evaluate_checkpoints(bundle, checkpoints, as_list(names), out, reuse=reuse, **overrides)
     if source_site is None:
-        source_site = config_value(root, "evaluate", "source_site", overrides)
+        source_site = recorded_source_site(summaries.values())
     print(write_table({k: [v] for k, v in summaries.items()}, out, source_site, f"{root.name}: Dice per domain"))
 
 
