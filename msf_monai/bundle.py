@@ -13,6 +13,7 @@ from pathlib import Path
 __all__ = [
     "evaluation_split",
     "find_bundle_root",
+    "find_checkpoint",
     "phase_command",
     "require_file",
     "select_sites",
@@ -20,7 +21,9 @@ __all__ = [
     "ConfigValueError",
     "MissingPhaseOutputError",
     "PhaseError",
+    "check_overrides",
     "check_settings",
+    "config_ids",
     "deterministic_algorithms",
 ]
 
@@ -46,11 +49,104 @@ class PhaseError(SystemExit):
     """A phase stopped on a problem it explains (e.g. a diverged flow fit); message only, exit 1."""
 
 
-def check_settings(image_size=None, style_layers=None, temperatures=None, style_source="image_decoder") -> bool:
-    """Check settings that would otherwise fail deep inside a run; one :class:`ConfigValueError`
-    naming every bad one. ``image_size`` must be a positive multiple of 16 (the networks
-    downsample by 16); ``style_layers`` are image-decoder layers 1..4 (or encoder stages 0..4
-    for ``style_source="encoder"``); ``temperatures`` needs one value per entry of ``style_layers``."""
+def _whole(low: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"a whole number >= {low}"
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    def ok(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            return False
+        return (v > low if low_open else v >= low) and (high is None or (v < high if high_open else v <= high))
+
+    text = f"a number {'>' if low_open else '>='} {low}" + ("" if high is None else f" and {'<' if high_open else '<='} {high}")
+    return ok, text
+
+
+def _choice(*values: str):
+    return (lambda v: v in values), "one of " + ", ".join(repr(v) for v in values)
+
+
+def _boolean():
+    def ok(v) -> bool:
+        from .cli import as_bool
+
+        try:
+            as_bool(v, "")
+        except (SystemExit, ValueError):
+            return False
+        return True
+
+    return ok, "true or false"
+
+
+def _optional(check):
+    ok, text = check
+    return (lambda v: v is None or ok(v)), text + " (or None)"
+
+
+#: the documented settings that can be checked without reading data: id -> (test, what it must be)
+SETTING_RULES = {
+    "epochs": _whole(1),
+    "batch_size": _whole(1),
+    "val_interval": _whole(1),
+    "checkpoint_interval": _whole(1),
+    "num_workers": _whole(0),
+    "seed": _whole(0),
+    "lr": _number(0, low_open=True),
+    "val_fraction": _number(0, 1, low_open=True, high_open=True),
+    "train_fraction": _number(0, 1, low_open=True),
+    "rec_weight": _number(0),
+    "noise_std": _number(0),
+    "style_p": _number(0, 1),
+    "stylized_weight": _number(0),
+    "style_guard_range": _optional(_number(0, low_open=True)),
+    "maxstyle_steps": _whole(1),
+    "maxstyle_lr": _number(0, low_open=True),
+    "stylized_bn": _choice("frozen", "train"),
+    "stylize_mode": _choice("decoded", "residual"),
+    "stats_regime": _choice("train", "eval"),
+    "style_source": _choice("image_decoder", "encoder"),
+    "statistic": _choice("std", "variance"),
+    "flow_base": _choice("standard", "diagonal"),
+    "flow_batch_size": _whole(1),
+    "flow_val_fraction": _number(0, 1, low_open=True, high_open=True),
+    "grad_clip": _number(0, low_open=True),
+    "style_shift_quantile": _number(0, 1),
+    "amp": _boolean(),
+    "resume": _boolean(),
+    "deterministic": _boolean(),
+    "init_from_phase1": _boolean(),
+    "style_shift": _boolean(),
+}
+
+
+def _device_problem(device) -> str | None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return f"--device {device!r}: not a device (e.g. cpu, cuda, cuda:0)"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device!r}: this machine has no CUDA device (torch.cuda.is_available() is False); use --device cpu"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def check_settings(image_size=None, style_layers=None, temperatures=None, style_source="image_decoder", device=None,
+                   style_temperatures=None, **settings) -> bool:
+    """Check the settings of a run before any work, all at once: one :class:`ConfigValueError`
+    lists every bad one, so a typo never surfaces as a traceback deep inside training.
+
+    ``image_size`` must be a positive multiple of 16 (the networks downsample by 16);
+    ``style_layers`` are image-decoder layers 1..4 (or encoder stages 0..4 for
+    ``style_source="encoder"``); ``temperatures`` needs one positive value per entry of
+    ``style_layers`` (``style_temperatures``, Phase III's override of the flows' temperatures,
+    too, when given); ``device`` must exist on this machine; every other keyword is checked
+    against :data:`SETTING_RULES` (type and range)."""
     problems = []
     if image_size is not None:
         try:
@@ -61,6 +157,19 @@ def check_settings(image_size=None, style_layers=None, temperatures=None, style_
         if not ok:
             problems.append(f"--image_size {image_size!r}: must be a positive multiple of {SIZE_DIVISOR} "
                             f"(the networks halve the image 4 times), e.g. 32, 96, 384")
+    for key, value in settings.items():
+        if key not in SETTING_RULES:
+            raise TypeError(f"check_settings: no rule for {key!r}")
+        ok, what = SETTING_RULES[key]
+        if not ok(value):
+            problems.append(f"--{key} {value!r}: must be {what}")
+    if device is not None:
+        problem = _device_problem(device)
+        if problem:
+            problems.append(problem)
+    if style_source not in ("image_decoder", "encoder"):
+        problems.append(f"--style_source {style_source!r}: must be one of 'image_decoder', 'encoder'")
+        style_source = "image_decoder"
     if style_layers is not None:
         layers = list(style_layers) if isinstance(style_layers, (list, tuple)) else [style_layers]
         low, what, example = (0, "encoder stages", "[1, 2, 3]") if style_source == "encoder" else (1, "image-decoder layers", "[2, 3, 4]")
@@ -68,21 +177,23 @@ def check_settings(image_size=None, style_layers=None, temperatures=None, style_
         if bad or not layers or len(set(layers)) != len(layers):
             problems.append(f"--style_layers {style_layers!r}: must be distinct {what} from {low} to 4, e.g. {example}")
         if temperatures is not None:
-            temps = list(temperatures) if isinstance(temperatures, (list, tuple)) else [temperatures]
-            if len(temps) != len(layers):
-                problems.append(f"--temperatures {temperatures!r} has {len(temps)} value(s) but --style_layers "
-                                f"{style_layers!r} has {len(layers)}: give one temperature per style layer")
-            else:
-                for t in temps:
-                    try:
-                        if not float(t) > 0:
-                            raise ValueError
-                    except (TypeError, ValueError):
-                        problems.append(f"--temperatures {temperatures!r}: every temperature must be a positive number")
-                        break
+            problems += _temperature_problems("temperatures", temperatures, style_layers, len(layers))
+    if style_temperatures is not None:
+        problems += _temperature_problems("style_temperatures", style_temperatures, None, None)
     if problems:
         raise ConfigValueError("invalid settings, nothing was run:\n  " + "\n  ".join(problems))
     return True
+
+
+def _temperature_problems(name: str, temperatures, style_layers, n_layers: int | None) -> list[str]:
+    temps = list(temperatures) if isinstance(temperatures, (list, tuple)) else [temperatures]
+    if n_layers is not None and len(temps) != n_layers:
+        return [f"--{name} {temperatures!r} has {len(temps)} value(s) but --style_layers {style_layers!r} has "
+                f"{n_layers}: give one temperature per style layer"]
+    ok, _ = _number(0, low_open=True)
+    if not all(ok(t) for t in temps):
+        return [f"--{name} {temperatures!r}: every temperature must be a positive number"]
+    return []
 
 
 def deterministic_algorithms(enabled) -> bool:
@@ -114,6 +225,85 @@ def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
     return []
 
 
+#: arguments of ``python -m monai.bundle run`` itself, not config ids
+RUN_ARGUMENTS = ("run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file")
+
+
+def config_ids(config_files: str | os.PathLike | Sequence[str | os.PathLike]) -> set[str]:
+    """Every id of the config files (merged as ``monai.bundle run`` merges them), nested ones
+    written ``a#b#0``."""
+    from monai.bundle import ConfigParser
+
+    files = [config_files] if isinstance(config_files, (str, os.PathLike)) else list(config_files)
+    ids: set[str] = set()
+
+    def walk(value, prefix: str) -> None:
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, sub in items:
+            name = f"{prefix}#{key}" if prefix else str(key)
+            ids.add(name)
+            walk(sub, name)
+
+    walk(ConfigParser.load_config_files([os.fspath(f) for f in files]), "")
+    return ids
+
+
+def _overrides_from_argv(argv: Sequence[str]) -> list[str]:
+    """The ``--key`` names given to ``python -m monai.bundle run`` (``--key value``,
+    ``--key=value`` or a bare ``--flag``), and the keys of its ``--args_file``."""
+    keys = []
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("--") and len(arg) > 2:
+            keys.append(arg[2:].split("=", 1)[0])
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--args_file" and i + 1 < len(argv) else arg.split("=", 1)[1] if arg.startswith("--args_file=") else None
+        if path:
+            from monai.bundle import ConfigParser
+
+            keys += [str(k) for k in ConfigParser.load_config_file(path)]
+    return [k.replace("::", "#") for k in keys]
+
+
+def unknown_overrides(keys: Sequence[str], ids: set[str]) -> dict[str, list[str]]:
+    """``{key: nearest known ids}`` for the override keys that name no id of the config. A new
+    key under a component (a dict with ``_target_``) is a keyword argument, and allowed."""
+    import difflib
+
+    top = sorted(i for i in ids if "#" not in i)
+    unknown = {}
+    for key in dict.fromkeys(keys):
+        if key in RUN_ARGUMENTS or key in ids:
+            continue
+        parent = key.rsplit("#", 1)[0] if "#" in key else None
+        if parent is not None and f"{parent}#_target_" in ids:
+            continue
+        pool = sorted(ids) if "#" in key else top
+        unknown[key] = difflib.get_close_matches(key, pool, n=3, cutoff=0.6)
+    return unknown
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> bool:
+    """Stop a ``python -m monai.bundle run`` whose command line names a setting the config does
+    not have (e.g. ``--epoch 1`` for ``--epochs``: MONAI would add it as a new id and ignore it),
+    before any work, with the nearest known ids. Other callers (a Python program building the
+    workflow itself) are not checked: their overrides are not on ``sys.argv``."""
+    argv = list(sys.argv if argv is None else argv)
+    files = _config_files_from_argv(argv)
+    bundle_run = len(argv) > 1 and argv[1] == "run" and argv[0].replace(os.sep, "/").endswith("monai/bundle/__main__.py")
+    if not files or not bundle_run:
+        return True
+    unknown = unknown_overrides(_overrides_from_argv(argv[1:]), config_ids(files))
+    if unknown:
+        lines = [f"--{k}: no such setting" + (f"; did you mean {' or '.join('--' + m for m in near)}?" if near else "")
+                 for k, near in unknown.items()]
+        names = ", ".join(Path(f).name for f in files)
+        raise ConfigValueError(f"unknown setting(s) for {names}, nothing was run:\n  " + "\n  ".join(lines)
+                               + "\nThe settings each config takes are listed in the bundle's docs/README.md.")
+    return True
+
+
 def find_bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
     """The folder of bundle ``name``, whatever the current directory.
 
@@ -143,6 +333,21 @@ def require_file(path: str | os.PathLike, how_to_create: str) -> str:
     if not Path(path).is_file():
         raise MissingPhaseOutputError(f"required file not found: {path}\nCreate it first with:\n  {how_to_create}")
     return str(path)
+
+
+def find_checkpoint(checkpoint: str | os.PathLike, bundle_root: str | os.PathLike) -> str:
+    """The absolute path of a ``--checkpoint``: as given (absolute, or relative to the current
+    directory), else relative to the bundle folder (``--checkpoint models/phase1_model.pt``).
+    A missing file stops with the command of the phase that writes it (Phase I for
+    ``phase1_model*.pt``, else Phase III)."""
+    path = Path(checkpoint)
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, Path(bundle_root) / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate.resolve())
+    phase = "phase1" if path.name.startswith("phase1_model") else "phase3"
+    where = " or ".join(str(c) for c in candidates)
+    raise MissingPhaseOutputError(f"checkpoint not found: {where}\nCreate it first with:\n  {phase_command(bundle_root, phase)}")
 
 
 def select_sites(datalist: Sequence[dict], sites: str | Sequence[str] | None, role: str = "source") -> list[dict]:

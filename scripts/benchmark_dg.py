@@ -39,7 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from evaluate import as_list, bundle_dir, config_value, evaluate_checkpoints, run_config, safe_name, write_table  # noqa: E402
+from evaluate import (  # noqa: E402
+    as_list, bundle_dir, check_known, config_value, evaluate_checkpoints, known_to, run_config, safe_name, write_table,
+)
 
 TRAINING_ONLY = ("epochs", "lr", "val_interval", "train_fraction", "style_p", "maxstyle_steps", "maxstyle_lr", "resume")
 #: arm settings that change Phase II (which flows are fitted), not Phase III
@@ -230,6 +232,10 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
     common = {k: v for k, v in overrides.items() if v is not None}
     if source_site is not None:
         common["source_site"] = source_site
+    check_known(root, ("phase1", "phase2", "phase3", "evaluate"), common)
+    for arm in arms:  # an arm's own settings must reach its runs: none may be dropped
+        check_known(root, ("phase3",), arm.phase3)
+        check_known(root, ("phase2",), arm.phase2)
     source = config_value(root, "evaluate", "source_site", common)
     evaluation = {k: v for k, v in common.items() if k not in TRAINING_ONLY}
     record_file = work / "benchmark.json"
@@ -251,7 +257,8 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
             print(f"  {label}: not finished, left out (--train false)", flush=True)
             raise _NotTrained(label)
         t0 = time.time()
-        run_config(root, config, args, log, f"{label} (benchmark at {t0 - start:.0f} s)")
+        # the settings for every run go to the configs that have them (e.g. --val_interval not to Phase II)
+        run_config(root, config, known_to(root, config, args), log, f"{label} (benchmark at {t0 - start:.0f} s)")
         record["runs"].append({"run": label, "config": config, "seconds": round(time.time() - t0, 1)})
         work.mkdir(parents=True, exist_ok=True)
         record_file.write_text(json.dumps(record, indent=1, default=str) + "\n")
@@ -290,7 +297,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
             # evaluate each arm as soon as it is trained, so partial tables exist while the rest runs
             t0 = time.time()
             summary = evaluate_checkpoints(str(root), [str(checkpoint)], [arm.label], run_dir / "eval", reuse=reuse,
-                                           **{**evaluation, "seed": seed, "ckpt_dir": str(models)})
+                                           **known_to(root, "evaluate", {**evaluation, "seed": seed, "ckpt_dir": str(models)}))
             record["runs"].append({"run": f"{tag} {arm.label} evaluation", "seconds": round(time.time() - t0, 1)})
             results[arm.label].append(summary[arm.label])
             seeds_of[arm.label].append(seed)
@@ -300,7 +307,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
 
             try:
                 make_gallery(str(root), output=str(work / "style_gallery.png"), ckpt_dir=str(models), seed=seed,
-                             **{k: v for k, v in base.items() if k not in TRAINING_ONLY + ("ckpt_dir", "seed")})
+                             **known_to(root, "phase2", {k: v for k, v in base.items() if k not in TRAINING_ONLY + ("ckpt_dir", "seed")}))
             except SystemExit as err:  # a gallery problem must not lose the benchmark's results
                 print(f"gallery skipped: {err}")
 

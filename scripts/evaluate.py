@@ -70,6 +70,28 @@ def run_config(root: Path, config: str, overrides: Mapping[str, object], log_fil
     print(f"  {label}: done in {time.time() - start:.0f} s", flush=True)
 
 
+def known_to(root: Path, config: str, overrides: Mapping[str, object]) -> dict:
+    """The overrides that ``configs/<config>.json`` has ids for (for scripts that pass one set of
+    settings to several configs; :func:`check_known` first makes sure none is unknown to all)."""
+    from msf_monai.bundle import config_ids, unknown_overrides
+
+    unknown = unknown_overrides(list(overrides), config_ids(root / "configs" / f"{config}.json"))
+    return {k: v for k, v in overrides.items() if k not in unknown}
+
+
+def check_known(root: Path, configs: Sequence[str], overrides: Mapping[str, object]) -> None:
+    """Stop, before any work, on a setting that none of ``configs`` has (a typo such as
+    ``--epoch``), with the nearest known ids."""
+    from msf_monai.bundle import config_ids, unknown_overrides
+
+    ids = set().union(*(config_ids(root / "configs" / f"{c}.json") for c in configs))
+    unknown = unknown_overrides(list(overrides), ids)
+    if unknown:
+        raise SystemExit("unknown setting(s), nothing was run:\n  " + "\n  ".join(
+            f"--{k}" + (f" (did you mean {' or '.join('--' + m for m in near)}?)" if near else "") for k, near in unknown.items())
+            + f"\n(settings of {', '.join(c + '.json' for c in configs)} in {root / 'configs'})")
+
+
 def config_value(root: Path, config: str, key: str, overrides: Mapping[str, object]):
     """The value of config id ``key`` with the overrides applied (cheap ids only, e.g. ``source_site``)."""
     from monai.bundle import ConfigParser

@@ -149,11 +149,12 @@ def make_gallery(bundle: str = "prostate", output: str | None = None, ckpt_dir: 
     import torch
     from monai.bundle import ConfigParser
 
-    from evaluate import as_list, bundle_dir
+    from evaluate import as_list, bundle_dir, check_known
     from msf_monai.bundle import require_file
     from msf_monai.flows import StyleFlowBank
 
     root = bundle_dir(bundle)
+    check_known(root, ("phase2",), overrides)
     parser = ConfigParser()
     parser.read_config(str(root / "configs" / "phase2.json"))
     parser.update({"bundle_root": str(root), **({"ckpt_dir": str(ckpt_dir)} if ckpt_dir else {}), **overrides})

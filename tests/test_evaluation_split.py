@@ -115,3 +115,23 @@ def test_evaluate_script_leaves_training_patients_out(tmp_path):
     # evaluate.json with another split than training: stopped before any work, no traceback
     proc = run_bundle(tmp_path, "evaluate", *common, "--checkpoint", str(ckpt), "--seed", "0")
     assert proc.returncode == 1 and "--seed 0 (trained with 2)" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def test_checkpoint_paths_and_hints(tmp_path, monkeypatch):
+    from msf_monai.bundle import MissingPhaseOutputError, find_checkpoint
+
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    torch.save({}, bundle / "models" / "phase1_model.pt")
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # relative to the bundle when it is not relative to the current directory
+    assert find_checkpoint("models/phase1_model.pt", bundle) == str((bundle / "models" / "phase1_model.pt").resolve())
+    torch.save({}, elsewhere / "mine.pt")
+    assert find_checkpoint("mine.pt", bundle) == str((elsewhere / "mine.pt").resolve())
+    # a missing file names the phase that writes it
+    with pytest.raises(MissingPhaseOutputError, match="phase1.json"):
+        find_checkpoint("models/phase1_model_final.pt", bundle)
+    with pytest.raises(MissingPhaseOutputError, match="phase3.json"):
+        find_checkpoint("models/model_dsu.pt", bundle)
