@@ -26,7 +26,6 @@ import functools
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -246,8 +245,8 @@ def _initialise_actnorms(flow: Flow, x: torch.Tensor, logger: logging.Logger) ->
             std = h.std(dim=0)
             tiny = 1e-6 * (1.0 + h.abs().mean(dim=0))
             degenerate = ~(std > tiny)
-            if bool(degenerate.any()):
-                logger.warning(
+            if bool(degenerate.any()):  # summarised once per fit by StyleFlowBank.fit
+                logger.debug(
                     "ActNorm init: %d (near-)constant feature(s) %s; using unit scale for them",
                     int(degenerate.sum()),
                     torch.nonzero(degenerate).flatten().tolist()[:20],
@@ -751,8 +750,13 @@ class StyleFlowBank(nn.Module):
         data = self._validated_stats(stats)
         histories: dict[str, list[dict[str, float]]] = {}
         states: dict[str, dict] = {k: dict(v) for k, v in (resume_state or {}).items()}
+        constant: list[str] = []
         for i, (layer, (mean, var)) in enumerate(data.items()):
             spread = self._spread_from_var(var)
+            for kind, values in (("mean", mean), ("spread", spread)):
+                n_const = int((values.std(dim=0) <= 1e-6 * (1.0 + values.abs().mean(dim=0))).sum())
+                if n_const:
+                    constant.append(f"layer {layer} {kind} {n_const}/{values.shape[1]}")
             self.observed[layer] = {
                 kind: _summary(values) for kind, values in (("mean", mean), ("spread", spread), ("sigma", var.clamp_min(0).sqrt()))
             }
@@ -791,6 +795,9 @@ class StyleFlowBank(nn.Module):
                     )
                 except FlowFitError as err:
                     raise FlowFitError(f"{kind} flow of style layer {layer}: {err}") from err
+        if constant:
+            log.info("(near-)constant style channels, e.g. channels a ReLU never activates (the flows give them unit "
+                     "scale and the sampling guard leaves them unbounded): %s", ", ".join(constant))
         self.eval()
         return histories
 
@@ -924,19 +931,9 @@ class StyleFlowBank(nn.Module):
                 for layer, obs in self.observed.items()
             },
         }
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path) + ".", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from .resume import atomic_save
+
+        atomic_save(payload, path)
         self.metadata = payload["metadata"]
 
     @classmethod

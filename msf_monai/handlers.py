@@ -208,9 +208,19 @@ class StyleFlowFitter:
         )
         self.metadata = dict(metadata or {})
         self.history: dict = {}
+        self._fitting = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def exception_raised(self, engine: Engine, error: BaseException) -> None:
+        """Ctrl-C during the statistics pass or a flow fit: one line and exit 130."""
+        from msf_monai.resume import exit_on_interrupt
+
+        where = "the flow fits (their state is saved every few flow epochs)" if self._fitting else "the style statistics pass"
+        exit_on_interrupt(engine, error, f"interrupted during {where}; run the same command to resume"
+                          + (f" (state: {self.resume_path})" if self.resume_path is not None else ""))
 
     def _resume_state(self, digest: str) -> dict | None:
         from msf_monai.resume import _differences, load_resume_state, remove_stale_temporaries
@@ -251,6 +261,7 @@ class StyleFlowFitter:
         from msf_monai.bundle import PhaseError
         from msf_monai.flows import FlowFitError
 
+        self._fitting = True
         stats = self.recorder.stats
         digest = _statistics_digest(stats)
         state = self._resume_state(digest)

@@ -241,21 +241,37 @@ def ablation_table(
     return "\n".join(lines)
 
 
-def summary_table(*summary_files: str, source_site: str | None = "SiteA", channel: str | None = None) -> str:
+def summary_table(*summary_files: str, source_site: str | None = None, channel: str | None = None) -> str:
     """Markdown table of the per-site mean Dice of each summary file (row name ``<name>`` of
-    ``<name>_summary.json``)."""
+    ``<name>_summary.json``). ``source_site`` defaults to the one the summaries record (their
+    ``split``)."""
     if not summary_files:
         raise ValueError("give at least one summary file")
     results = {Path(f).name.removesuffix("_summary.json"): [load_summary(f)] for f in summary_files}
+    if source_site is None:
+        recorded = {s[0].get("split", {}).get("source_site") for s in results.values()} - {None}
+        source_site = recorded.pop() if len(recorded) == 1 else None
     return dg_table(results, source_site=source_site, channel=channel).markdown()
 
 
-def main(*summary_files: str, source_site: str | None = "SiteA", channel: str | None = None) -> None:
-    """Print the table (Dice in %)."""
-    print(summary_table(*summary_files, source_site=source_site, channel=channel))
+def main(*summary_files: str, source_site: str | None = None, channel: str | None = None) -> None:
+    """Print the Dice table (%) of evaluation summaries (``eval/<name>_summary.json``).
+
+    Args:
+        summary_files: one or more ``*_summary.json`` files written by ``evaluate.json``.
+        source_site: the training site, shown first and left out of the unseen mean (default:
+            the one the summaries record).
+        channel: keep one structure only (fundus: ``disc`` or ``cup``).
+    """
+    if not summary_files:
+        raise SystemExit("usage: python -m msf_monai.report EVAL/NAME_summary.json [...] [--source_site SITE] [--channel NAME]")
+    try:
+        print(summary_table(*summary_files, source_site=source_site, channel=channel))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
-    import fire
+    from msf_monai.cli import fire_main
 
-    fire.Fire(main)
+    fire_main(main)

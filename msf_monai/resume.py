@@ -24,6 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import sys
+import threading
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,9 +68,36 @@ class PhaseFinishedError(SystemExit):
     """The phase has already run to its end; re-running it would overwrite its models."""
 
 
+class InterruptedRun(SystemExit):
+    """Ctrl-C (``KeyboardInterrupt``) during a phase: one line saying where the run stopped and
+    how to go on, exit status 130 (the shell's code for SIGINT), no traceback."""
+
+    def __init__(self, message: str):
+        logger.warning(message)
+        print(message, file=sys.stderr, flush=True)
+        super().__init__(130)
+
+
+def exit_on_interrupt(engine: Engine, error: BaseException, message: str) -> None:
+    """``Events.EXCEPTION_RAISED`` handler body: :class:`InterruptedRun` with ``message`` for a
+    ``KeyboardInterrupt``; any other exception goes on as it came (ignite re-raises nothing
+    itself once a handler is registered)."""
+    if isinstance(error, KeyboardInterrupt):
+        raise InterruptedRun(message) from None
+    raise error
+
+
 # ---------------------------------------------------------------------------------------------
 # atomic files
 # ---------------------------------------------------------------------------------------------
+def new_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask, e.g. 0o644), for files
+    written through a private temporary file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` atomically: temporary file in the same folder, flush, fsync,
     ``os.replace``. The temporary file is removed if anything fails."""
@@ -80,7 +110,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by their owner only
+        os.chmod(tmp, new_file_mode())  # mkstemp creates files readable by their owner only
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -328,11 +358,52 @@ class TrainingCheckpointer:
         self.map_location = map_location
         self.resumed_from: int | None = None
         self._best_saved_epoch: int | None = None
+        self._last_saved_epoch: int | None = None
+        self._previous_sigint = None
+        self._stop_requested = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
+        engine.add_event_handler(Events.COMPLETED, self._restore_sigint)
+
+    # -- Ctrl-C ----------------------------------------------------------------------------
+    # The first Ctrl-C lets the current iteration (or validation) finish and then stops with one
+    # line and exit status 130; a second one stops at once (KeyboardInterrupt).
+    def _interrupted_message(self, engine: Engine) -> str:
+        saved = (f"the training state of epoch {self._last_saved_epoch} is in {self.path}"
+                 if self._last_saved_epoch is not None else "no epoch had been saved yet")
+        return (f"interrupted at epoch {engine.state.epoch} (iteration {engine.state.iteration}); "
+                f"{saved}: run the same command to resume")
+
+    def _install_sigint(self) -> None:
+        if threading.current_thread() is threading.main_thread() and self._previous_sigint is None:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop_requested:
+            self._restore_sigint()
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print("Ctrl-C: stopping after the current iteration (press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def _restore_sigint(self, engine: Engine | None = None) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def _stop_if_asked(self, engine: Engine) -> None:
+        if self._stop_requested:
+            self._restore_sigint()
+            raise InterruptedRun(self._interrupted_message(engine))
+
+    def exception_raised(self, engine: Engine, error: BaseException) -> None:
+        """Ctrl-C: say which epoch was interrupted and which saved state a rerun continues from."""
+        self._restore_sigint()
+        exit_on_interrupt(engine, error, self._interrupted_message(engine))
 
     # -- saving ----------------------------------------------------------------------------
     def state(self, engine: Engine, finished: bool = False) -> dict:
@@ -359,6 +430,7 @@ class TrainingCheckpointer:
         if not _is_rank_zero():
             return
         atomic_save(self.state(engine, finished), self.path)
+        self._last_saved_epoch = int(engine.state.epoch)
         logger.info("epoch %d: saved the training state to %s%s", engine.state.epoch, self.path,
                     " (finished)" if finished else "")
 
@@ -385,6 +457,7 @@ class TrainingCheckpointer:
 
     # -- resuming --------------------------------------------------------------------------
     def started(self, engine: Engine) -> None:
+        self._install_sigint()
         if _is_rank_zero():
             remove_stale_temporaries(self.path)
             if self.best_path is not None:
@@ -421,6 +494,7 @@ class TrainingCheckpointer:
             self.validator.state.best_metric = float(state["best_metric"])
             self.validator.state.best_metric_epoch = int(state["best_metric_epoch"])
         self._best_saved_epoch = state.get("best_saved_epoch")
+        self._last_saved_epoch = epoch
         set_rng_states(state["rng"])
         self.resumed_from = epoch
         best = ""

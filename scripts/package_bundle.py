@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def package(
         style_shift: include the style-shift files (Phase I network, flows, calibration).
     """
     from msf_monai.cli import as_bool
+    from msf_monai.training_record import training_record_file
 
     style_shift = as_bool(style_shift, "--style_shift")
     root = Path(bundle_root) if bundle_root else REPO / "bundles" / bundle
@@ -141,12 +143,19 @@ def package(
     else:
         print(f"warning: {root / 'LICENSE'} not found", file=sys.stderr)
     files += [(f"models/{m}", models / m) for m in model_files]
+    # the training runs' split records: the archive's evaluate.json evaluates the same source
+    # validation patients as the packager's (msf_monai.training_record)
+    records = {training_record_file(models / m) for m in model_files if m.endswith(".pt")}
+    files += [(f"models/{r.name}", r) for r in sorted(records) if r.is_file()]
 
     tmp = out.with_suffix(".zip.part")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for arcname, src in files:
             if isinstance(src, bytes):
-                zf.writestr(f"{name}/{arcname}", src)
+                info = zipfile.ZipInfo(f"{name}/{arcname}", date_time=time.localtime()[:6])
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16  # writestr's default is owner-only (0600)
+                zf.writestr(info, src)
             else:
                 zf.write(src, f"{name}/{arcname}")
     tmp.replace(out)

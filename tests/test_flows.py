@@ -340,3 +340,21 @@ def test_style_pool_hands_out_the_banks_samples_in_order():
     mean, std = pool(4)  # more than is left: a fresh pool
     assert mean.shape == std.shape == (4, 8)
     assert not isinstance(pool, torch.nn.Module)
+
+
+def test_constant_channels_are_summarised_in_one_line(caplog):
+    """A channel that never varies (a dead ReLU) is reported once per fit, not as one warning per
+    ActNorm layer and flow."""
+    import logging
+
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(40, 4))
+    mean[:, 1] = 0.5  # constant mean channel
+    var = rng.uniform(0.5, 2.0, size=(40, 4))
+    bank = StyleFlowBank({2: 4, 3: 4})
+    with caplog.at_level(logging.DEBUG, logger="msf_monai.flows"):
+        bank.fit({2: {"mean": mean, "var": var}, 3: {"mean": rng.normal(size=(40, 4)), "var": var}}, epochs=1, lr=1e-3)
+    summary = [r for r in caplog.records if "constant style channels" in r.getMessage()]
+    assert len(summary) == 1 and summary[0].levelno == logging.INFO
+    assert "layer 2 mean 1/4" in summary[0].getMessage() and "layer 3" not in summary[0].getMessage()
+    assert not [r for r in caplog.records if "ActNorm init" in r.getMessage() and r.levelno >= logging.WARNING]

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from bundle_utils import REPO, check, copy_bundle
-from msf_monai.data import generate_demo_prostate, image_files
+from msf_monai.data import generate_demo_prostate, image_files, split_by_patient
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
 from msf_monai.style_shift import StyleShiftScorer, StyleShiftWriter, calibrate_style_shift, image_slices
+from msf_monai.training_record import write_training_record
 from msf_monai.transforms import prostate_preprocessing
 
 SIZE = 32
@@ -107,15 +108,22 @@ def test_packaged_archive_runs_inference_anywhere(tmp_path):
                                         source, pre, bundle / "models" / "style_shift.json", image_size=SIZE, quantile=0.5)
     assert calibration["n_cases"] == 3 and np.isfinite(calibration["threshold"])
 
+    # the split the model was trained with (training writes this record; here it is written by hand)
+    write_training_record(bundle / "models" / "model.pt", {"source_site": "SiteA", "seed": 1, "val_fraction": 0.34})
+
     archive = _package_module().package(bundle_root=str(bundle), output_dir=str(tmp_path / "dist"))
     with zipfile.ZipFile(archive) as zf:
         names = set(zf.namelist())
     for name in ("configs/metadata.json", "configs/inference.json", "configs/multi_gpu_train.json", "docs/README.md",
-                 "LICENSE", "models/model.pt", "models/phase1_model.pt", "models/style_flows.pt", "models/style_shift.json"):
+                 "LICENSE", "models/model.pt", "models/phase1_model.pt", "models/style_flows.pt", "models/style_shift.json",
+                 "models/model_training.json"):
         assert f"prostate/{name}" in names, name
     # the training size (recorded by Phase II) replaces the demo/real default
     with zipfile.ZipFile(archive) as zf:
         assert json.loads(zf.read("prostate/configs/inference.json"))["image_size"] == SIZE
+        # every member readable by all, as the bundle's own files (rewritten configs and models too)
+        modes = {i.filename: (i.external_attr >> 16) & 0o777 for i in zf.infolist()}
+    assert modes["prostate/configs/inference.json"] == 0o644 and modes["prostate/models/style_flows.pt"] & 0o044 == 0o044
 
     elsewhere = tmp_path / "hospital"
     with zipfile.ZipFile(archive) as zf:
@@ -143,5 +151,17 @@ def test_packaged_archive_runs_inference_anywhere(tmp_path):
     for r in rows:
         assert np.isfinite(float(r["score"])) and int(r["n_images"]) == 4
         assert int(r["flag"]) == int(float(r["score"]) > float(r["threshold"]))
+    # the archive's evaluate.json evaluates the source site's validation patients of the recorded
+    # split only, with no --source_site given (the real-data default has none)
+    out = check(subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(elsewhere / "prostate" / "configs" / "evaluate.json"),
+         "--dataset_dir", str(data)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    ))
+    _, val = split_by_patient(image_files(data / "SiteA"), val_fraction=0.34, seed=1)
+    with open(elsewhere / "prostate" / "eval" / "model_per_case.csv") as f:
+        evaluated = list(csv.DictReader(f))
+    assert sorted(r["case"] for r in evaluated if r["site"] == "SiteA") == sorted(d["case"] for d in val)
+    assert len(val) == 1 and "source validation, n=1 of 3" in out
     # nothing was generated: no demo data in the unpacked bundle nor beside it
     assert not (elsewhere / "prostate" / "demo_data").exists()

@@ -108,6 +108,34 @@ def test_phase1_killed_after_a_checkpoint_resumes_with_the_same_command(tmp_path
     _assert_clean_failure(again, "has already finished", "--resume false")
 
 
+def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
+    bundle = copy_bundle("prostate", tmp_path)
+    data = tiny_dataset(tmp_path / "data")
+    models = bundle / "models"
+    args = ("--dataset_dir", str(data), *TINY, "--epochs", "50", "--checkpoint_interval", "1")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/prostate/configs/phase1.json", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "epoch 1: saved the training state" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    out = "".join(lines)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "Ctrl-C: stopping after the current iteration" in out
+    state = torch.load(models / "phase1_model_resume.pt", weights_only=True)
+    assert f"the training state of epoch {state['epoch']} is in {models / 'phase1_model_resume.pt'}: run the same command to resume" in out
+    assert not state["finished"] and not (models / "phase1_model_final.pt").exists()  # no "final" model of a stopped run
+
+
 def test_check_resume_decisions(tmp_path):
     path = tmp_path / "state.pt"
     assert check_resume(path, resume=True, max_epochs=5) is None  # nothing saved yet
@@ -383,3 +411,23 @@ def test_phase2_fitter_resumes_finished_flows_without_refitting(tmp_path, monkey
     for a, b in zip(first.bank.state_dict().values(), second.bank.state_dict().values()):
         assert torch.equal(a, b)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flows.pt", "resume.pt"]
+
+
+def test_saved_files_get_the_usual_mode(tmp_path):
+    """Files written through a private temporary file (training states, models, flows) get the
+    mode a plain ``open()`` would give them, not mkstemp's owner-only 0600."""
+    from msf_monai.flows import StyleFlowBank
+    from msf_monai.resume import atomic_save, new_file_mode
+
+    old = os.umask(0o022)
+    try:
+        assert new_file_mode() == 0o644
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "state.pt")
+        bank = StyleFlowBank({2: 4})
+        bank.save(tmp_path / "style_flows.pt")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        for name in ("state.pt", "style_flows.pt"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644, name
+    finally:
+        os.umask(old)
