@@ -21,6 +21,7 @@ __all__ = [
     "ConfigValueError",
     "MissingPhaseOutputError",
     "PhaseError",
+    "arguments_for",
     "check_overrides",
     "check_settings",
     "config_ids",
@@ -282,6 +283,29 @@ def unknown_overrides(keys: Sequence[str], ids: set[str]) -> dict[str, list[str]
         pool = sorted(ids) if "#" in key else top
         unknown[key] = difflib.get_close_matches(key, pool, n=3, cutoff=0.6)
     return unknown
+
+
+def arguments_for(config_file: str | os.PathLike, args: Sequence[str], all_config_files: Sequence[str | os.PathLike] = ()) -> list[str]:
+    """The ``--key value`` pairs of ``args`` that ``config_file`` has ids for, so that one set of
+    settings can be passed to several configs (``scripts/demo.sh --epochs 2``: the phases get
+    it, evaluation does not). A key that none of ``all_config_files`` (nor ``config_file``)
+    has stops with :class:`ConfigValueError`, as :func:`check_overrides` would."""
+    pairs: list[tuple[str, list[str]]] = []
+    for arg in args:
+        if arg.startswith("--") and len(arg) > 2:
+            pairs.append((arg[2:].split("=", 1)[0].replace("::", "#"), [arg]))
+        elif pairs:
+            pairs[-1][1].append(arg)
+        else:
+            raise ConfigValueError(f"expected --key value settings, got {arg!r}")
+    keys = [k for k, _ in pairs]
+    every = set().union(*(config_ids(f) for f in [config_file, *all_config_files]))
+    unknown = unknown_overrides(keys, every)
+    if unknown:
+        raise ConfigValueError("unknown setting(s): " + ", ".join(
+            f"--{k}" + (f" (did you mean {' or '.join('--' + m for m in near)}?)" if near else "") for k, near in unknown.items()))
+    mine = unknown_overrides(keys, config_ids(config_file))
+    return [token for key, tokens in pairs if key not in mine for token in tokens]
 
 
 def check_overrides(argv: Sequence[str] | None = None) -> bool:

@@ -90,3 +90,17 @@ def test_scripts_refuse_unknown_settings(tmp_path):
                            "none,dsu(style_pp=1)"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 1 and "--style_pp (did you mean --style_p?)" in proc.stdout, proc.stdout[-2000:]
     assert not (bundle / "demo_data").exists()
+
+
+def test_one_set_of_settings_for_several_configs():
+    """scripts/demo.sh passes its extra settings to each config that has them."""
+    from msf_monai.bundle import arguments_for
+
+    configs = REPO / "bundles" / "prostate" / "configs"
+    every = [configs / f"{p}.json" for p in ("phase1", "phase2", "phase3", "evaluate")]
+    args = ["--epochs", "2", "--val_interval", "1", "--image_size", "32", "--style_layers", "[2, 3]"]
+    assert arguments_for(configs / "phase1.json", args, every) == ["--epochs", "2", "--val_interval", "1", "--image_size", "32"]
+    assert arguments_for(configs / "phase2.json", args, every) == ["--epochs", "2", "--image_size", "32", "--style_layers", "[2, 3]"]
+    assert arguments_for(configs / "evaluate.json", args, every) == ["--image_size", "32"]
+    with pytest.raises(ConfigValueError, match=r"--epoch \(did you mean --epochs\?\)"):
+        arguments_for(configs / "evaluate.json", ["--epoch", "2"], every)
