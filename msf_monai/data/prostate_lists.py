@@ -94,6 +94,26 @@ def _image_files(folder: Path) -> list[Path]:
                   key=lambda p: _natural_key(p.name))
 
 
+def same_output_name_problems(named: Sequence[tuple[str, Path]]) -> list[str]:
+    """Problems for inference inputs that would write the same output: ``named`` holds
+    ``(name, path)`` pairs, ``name`` being the file name without its extension, from which the
+    mask's name is made (``Case00.nii`` and ``Case00.nii.gz`` both give ``Case00_seg.nii.gz``;
+    ``x.png`` and ``x.jpg`` both ``x_mask.png``). Names that differ only in letter case count as
+    the same: they are one file on macOS and Windows."""
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for name, path in named:
+        groups.setdefault(name.casefold(), []).append((name, path))
+    problems = []
+    for group in groups.values():
+        if len(group) > 1:
+            names = sorted({n for n, _ in group})
+            case = " (names that differ only in letter case are one file on macOS and Windows)" if len(names) > 1 else ""
+            problems.append(f"{len(group)} images would write the same mask and style-shift row (name "
+                            f"{' / '.join(repr(n) for n in names)}){case}: {', '.join(str(p) for _, p in group)}; "
+                            "keep one of them in the input folder, or rename the others")
+    return problems
+
+
 def _check_root(root) -> Path:
     if root is None or str(root) == "":
         raise DataListError(["no data root given"])
@@ -434,7 +454,9 @@ def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_see
 @_exit_on_data_errors
 def image_files(folder) -> list[dict]:
     """Inference list: every image file of ``folder`` (NIfTI, MetaImage, NRRD) that is not a
-    label (``*_segmentation``), as ``{"image": path, "case": name}`` items."""
+    label (``*_segmentation``), as ``{"image": path, "case": name}`` items. Two files of the
+    same name with different extensions (``Case00.nii`` and ``Case00.nii.gz``) would write one
+    mask: they are refused, naming both (:func:`same_output_name_problems`)."""
     path = _check_root(folder)
     items = []
     for p in _image_files(path):
@@ -443,4 +465,7 @@ def image_files(folder) -> list[dict]:
             items.append({"image": str(p), "case": stem})
     if not items:
         raise DataListError([f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path}"], root=path)
+    clashes = same_output_name_problems([(it["case"], Path(it["image"])) for it in items])
+    if clashes:
+        raise DataListError(clashes, root=path)
     return items
