@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from bundle_utils import check, copy_bundle, run_bundle
-from msf_monai.data import DataValidationError, fundus_image_files, image_files
+from msf_monai.data import DataValidationError, check_volumes, fundus_image_files, image_files, prostate_datalist
 from msf_monai.networks import SegmentationOnlyNet
+from msf_monai.transforms import prostate_preprocessing
 
 SIZE = ("--image_size", "32")
 
@@ -140,3 +141,59 @@ def test_overwrite_never_deletes_files_that_inference_did_not_write(tmp_path):
     InferenceRunRecord(tmp_path / "new", input_dir=images).check()
     with pytest.raises(ConfigValueError, match="overwrite"):
         InferenceRunRecord(tmp_path / "new", input_dir=images, overwrite="maybe")
+
+
+# ---------------------------------------------------------------------------------------------
+# item 8: 4-D images
+# ---------------------------------------------------------------------------------------------
+def test_4d_image_outside_the_decathlon_layout_is_a_data_problem_in_training(tmp_path):
+    data = tmp_path / "data"
+    for i in range(2):
+        _nifti(data / "images" / f"case{i}.nii.gz", seed=i)
+        _nifti(data / "labels" / f"case{i}.nii.gz", label=True)
+    four_d = _nifti(data / "images" / "multi.nii.gz", shape=(32, 32, 4, 2))
+    _nifti(data / "labels" / "multi.nii.gz", label=True)
+    nan = np.asarray(nib.load(data / "images" / "case1.nii.gz").dataobj).copy()
+    nan[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.diag([0.6, 0.6, 3.0, 1.0])), str(data / "images" / "case1.nii.gz"))
+    items = prostate_datalist(data)
+    with pytest.raises(DataValidationError) as err:
+        check_volumes(items)
+    # listed with the other problems, naming the file and its shape
+    assert len(err.value.problems) == 2, err.value.problems
+    (problem,) = [p for p in err.value.problems if p.startswith(str(four_d))]
+    assert "(32, 32, 4, 2)" in problem and "channel" in problem
+    # the loader follows the same rule: no silent channel 0 for a list that names no channel
+    (item,) = [it for it in items if it["image"] == str(four_d)]
+    with pytest.raises(RuntimeError) as err:  # MONAI's Compose wraps the transform's error
+        prostate_preprocessing(32)(dict(item))
+    assert isinstance(err.value.__cause__, ValueError) and str(four_d) in str(err.value.__cause__)
+
+
+def test_4d_image_gets_the_same_answer_from_training_and_inference(tmp_path):
+    bundle = _trained_bundle(tmp_path)
+    data = tmp_path / "data"
+    for i in range(2):
+        _nifti(data / "images" / f"case{i}.nii.gz", seed=i)
+        _nifti(data / "labels" / f"case{i}.nii.gz", label=True)
+    four_d = _nifti(data / "images" / "multi.nii.gz", shape=(32, 32, 4, 2))
+    _nifti(data / "labels" / "multi.nii.gz", label=True)
+    proc = run_bundle(tmp_path, "phase1", "--dataset_dir", str(data), *SIZE, "--epochs", "1")
+    _assert_clean_failure(proc, four_d, "(32, 32, 4, 2)")
+    proc = run_bundle(tmp_path, "inference", "--input_dir", str(data / "images"), *SIZE)
+    _assert_clean_failure(proc, four_d, "(32, 32, 4, 2)")
+    assert not (bundle / "inference").exists()
+    # the Decathlon layout names the channel (dataset.json: T2), for training and inference alike
+    task = tmp_path / "Task05_Prostate"
+    for i in range(2):
+        _nifti(task / "imagesTr" / f"prostate_{i:02d}.nii.gz", shape=(32, 32, 4, 2), seed=i)
+        _nifti(task / "labelsTr" / f"prostate_{i:02d}.nii.gz", label=True)
+    _nifti(task / "imagesTs" / "prostate_07.nii.gz", shape=(32, 32, 4, 2), seed=7)
+    (task / "dataset.json").write_text(json.dumps({"modality": {"0": "ADC", "1": "T2"}}))
+    assert {it["channel"] for it in prostate_datalist(task)} == {1}
+    (tested,) = image_files(task / "imagesTs")
+    assert tested["channel"] == 1
+    check_volumes([tested], label_values=None)
+    check(run_bundle(tmp_path, "inference", "--input_dir", str(task / "imagesTs"), *SIZE))
+    mask = nib.load(bundle / "inference" / "prostate_07_seg.nii.gz")
+    assert mask.shape == (32, 32, 4)
