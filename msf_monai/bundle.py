@@ -118,6 +118,7 @@ SETTING_RULES = {
     "resume": _boolean(),
     "deterministic": _boolean(),
     "init_from_phase1": _boolean(),
+    "overwrite": _boolean(),
     "style_shift": _boolean(),
 }
 

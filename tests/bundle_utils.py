@@ -14,9 +14,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def copy_bundle(name: str, dest: Path) -> Path:
-    """Copy ``bundles/<name>`` (configs and docs only) to ``dest/bundles/<name>``."""
+    """Copy ``bundles/<name>`` (configs and docs only: no models, outputs or demo data) to
+    ``dest/bundles/<name>``."""
     target = dest / "bundles" / name
-    shutil.copytree(REPO / "bundles" / name, target, ignore=shutil.ignore_patterns("models", "logs", "eval", "demo_data"))
+    shutil.copytree(REPO / "bundles" / name, target, ignore=shutil.ignore_patterns("models", "logs", "eval", "demo_data", "inference"))
     return target
 
 

@@ -44,7 +44,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .prostate_lists import DataListError, _check_root, _natural_key, _visible
+from .prostate_lists import DataListError, _check_root, _natural_key, _visible, same_output_name_problems
 from .validation import exit_on_data_errors
 
 __all__ = [
@@ -377,10 +377,14 @@ def fundus_datalist(dataset_dir, demo_dir=None, layout: str = "auto", mapping=No
 @exit_on_data_errors
 def fundus_image_files(folder) -> list[dict]:
     """Inference list: every image file (PNG, JPEG, BMP, TIFF) directly in ``folder``, as
-    ``{"image": path, "case": stem}`` items."""
+    ``{"image": path, "case": stem}`` items. Two files of the same stem (``x.png`` and
+    ``x.jpg``) would write one mask: they are refused, naming both."""
     path = _check_root(folder)
     items = [{"image": str(p), "case": p.stem} for p in _files(path)]
     if not items:
         raise DataListError([f"no image files ({', '.join(FUNDUS_IMAGE_EXTENSIONS)}) in {path}"],
                             root=path)
+    clashes = same_output_name_problems([(it["case"], Path(it["image"])) for it in items])
+    if clashes:
+        raise DataListError(clashes, root=path)
     return items

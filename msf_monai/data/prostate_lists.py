@@ -1,8 +1,10 @@
 """Data lists for prostate MRI segmentation data in common folder layouts.
 
 Every item is a dict ``{"image": str, "label": str, "site": str, "case": str}`` with absolute
-paths, plus ``"channel": int`` when the image is 4-D (the channel holding the T2 image), ready
-for MONAI ``LoadImaged`` based pipelines.
+paths, plus ``"channel": int`` when the image is 4-D and the layout says which channel holds
+the T2 image (the Decathlon layout only, see :func:`layout_channel`; a 4-D image with several
+channels in any other layout is reported by the data check), ready for MONAI ``LoadImaged``
+based pipelines.
 
 Supported layouts (see :func:`detect_layout`):
 
@@ -38,6 +40,8 @@ __all__ = [
     "list_multisite",
     "list_decathlon",
     "list_image_label_folder",
+    "layout_channel",
+    "same_output_name_problems",
     "detect_layout",
     "build_datalist",
     "split_by_patient",
@@ -92,6 +96,26 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir()
                    if _visible(p) and p.is_file() and _split_ext(p.name) is not None),
                   key=lambda p: _natural_key(p.name))
+
+
+def same_output_name_problems(named: Sequence[tuple[str, Path]]) -> list[str]:
+    """Problems for inference inputs that would write the same output: ``named`` holds
+    ``(name, path)`` pairs, ``name`` being the file name without its extension, from which the
+    mask's name is made (``Case00.nii`` and ``Case00.nii.gz`` both give ``Case00_seg.nii.gz``;
+    ``x.png`` and ``x.jpg`` both ``x_mask.png``). Names that differ only in letter case count as
+    the same: they are one file on macOS and Windows."""
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for name, path in named:
+        groups.setdefault(name.casefold(), []).append((name, path))
+    problems = []
+    for group in groups.values():
+        if len(group) > 1:
+            names = sorted({n for n, _ in group})
+            case = " (names that differ only in letter case are one file on macOS and Windows)" if len(names) > 1 else ""
+            problems.append(f"{len(group)} images would write the same mask and style-shift row (name "
+                            f"{' / '.join(repr(n) for n in names)}){case}: {', '.join(str(p) for _, p in group)}; "
+                            "keep one of them in the input folder, or rename the others")
+    return problems
 
 
 def _check_root(root) -> Path:
@@ -152,12 +176,14 @@ def _header_info(path: Path) -> tuple[int | None, str | None]:
 
 
 def _make_item(image: Path, label: Path, site: str, case: str, problems: list[str],
-               channel: int = 0) -> dict:
+               channel: int | None = None) -> dict:
+    """An item; ``channel`` (the layout's channel to segment, see :func:`layout_channel`) is
+    kept for 4-D images only."""
     item = {"image": str(image), "label": str(label), "site": site, "case": case}
     ndim, problem = _header_info(image)
     if problem:
         problems.append(problem)
-    if ndim is not None and ndim >= 4:
+    if channel is not None and ndim is not None and ndim >= 4:
         item["channel"] = int(channel)
     if label.name.lower().endswith(".mhd"):
         _, problem = _header_info(label)
@@ -246,6 +272,19 @@ def _decathlon_t2_channel(path: Path, problems: list[str]) -> int:
     return 0
 
 
+def layout_channel(images_folder, problems: list[str] | None = None) -> int | None:
+    """The channel to segment in the 4-D images of ``images_folder``, when the folder layout
+    says: ``imagesTr/`` or ``imagesTs/`` of a Decathlon task folder (one with ``imagesTr/``)
+    give the T2 channel of the task's ``dataset.json`` (``modality``), 0 when not stated (the
+    order of Task05_Prostate). ``None`` for any other folder: its 4-D images with several
+    channels are then reported by the data check, in training and inference alike, never read
+    as channel 0 silently. Problems reading ``dataset.json`` are appended to ``problems``."""
+    path = Path(images_folder)
+    if path.name not in ("imagesTr", "imagesTs") or not (path.parent / "imagesTr").is_dir():
+        return None
+    return _decathlon_t2_channel(path.parent, [] if problems is None else problems)
+
+
 def list_decathlon(root) -> list[dict]:
     """Items of a Medical Segmentation Decathlon task folder (e.g. ``Task05_Prostate``).
 
@@ -256,7 +295,7 @@ def list_decathlon(root) -> list[dict]:
     path = _check_root(root)
     problems: list[str] = []
     img_dir, lab_dir = _image_label_folders(path, "imagesTr", "labelsTr")
-    channel = _decathlon_t2_channel(path, problems)
+    channel = layout_channel(img_dir, problems)
     items = _pair_folders(img_dir, lab_dir, DECATHLON_SITE, problems, channel)
     if not items and not problems:
         problems.append(f"no cases found in {img_dir}")
@@ -275,7 +314,7 @@ def _image_label_folders(path: Path, images: str, labels: str) -> tuple[Path, Pa
 
 
 def _pair_folders(img_dir: Path, lab_dir: Path, site: str, problems: list[str],
-                  channel: int = 0) -> list[dict]:
+                  channel: int | None = None) -> list[dict]:
     """Pair files of the same name (or same stem with another extension) in two folders."""
     def by_stem(folder):
         out: dict[str, list[Path]] = {}
@@ -434,13 +473,25 @@ def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_see
 @_exit_on_data_errors
 def image_files(folder) -> list[dict]:
     """Inference list: every image file of ``folder`` (NIfTI, MetaImage, NRRD) that is not a
-    label (``*_segmentation``), as ``{"image": path, "case": name}`` items."""
+    label (``*_segmentation``), as ``{"image": path, "case": name}`` items, plus ``"channel"``
+    for the 4-D images of a Decathlon ``imagesTr/`` or ``imagesTs/`` folder, as in training
+    (:func:`layout_channel`). Two files of the
+    same name with different extensions (``Case00.nii`` and ``Case00.nii.gz``) would write one
+    mask: they are refused, naming both (:func:`same_output_name_problems`)."""
     path = _check_root(folder)
+    problems: list[str] = []
+    channel = layout_channel(path, problems)
     items = []
     for p in _image_files(path):
         stem, _ = _split_ext(p.name)
         if not _LABEL_RE.match(stem):
-            items.append({"image": str(p), "case": stem})
+            item = {"image": str(p), "case": stem}
+            if channel is not None and (_header_info(p)[0] or 0) >= 4:
+                item["channel"] = channel
+            items.append(item)
     if not items:
         raise DataListError([f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path}"], root=path)
+    problems += same_output_name_problems([(it["case"], Path(it["image"])) for it in items])
+    if problems:
+        raise DataListError(problems, root=path)
     return items

@@ -7,7 +7,8 @@ reported together in one :class:`DataValidationError`, each naming its file, wit
 exit and no traceback.
 
 * :func:`check_volumes` -- prostate MRI volumes (NIfTI, MetaImage, NRRD): unreadable or
-  truncated files, image/label shape or affine mismatch, non-finite voxels, label values
+  truncated files, 4-D images whose layout names no channel, image/label shape or affine
+  mismatch, non-finite voxels, label values
   outside the expected set, images smaller than the network's minimum size, and volumes
   without foreground (a warning: skipped for training, kept for evaluation).
 * :func:`check_fundus_images` -- fundus photographs and masks (PNG, JPEG, ...): unreadable or
@@ -159,7 +160,10 @@ def check_volumes(
     every problem at once (:class:`DataValidationError`).
 
     Problems: a file that cannot be read (missing, truncated, not an image); an image that is
-    not 3-D (or 4-D with a ``channel`` entry in range); image and label of different spatial
+    not 3-D (or 4-D with one channel, or with a ``channel`` entry in range: the data lists set
+    it only where the layout names the channel, see
+    :func:`~msf_monai.data.prostate_lists.layout_channel`; the same rule for training,
+    evaluation and inference lists); image and label of different spatial
     shape or affine (``affine_tolerance``, absolute, mm); non-finite voxels in the image; label
     values outside ``label_values`` (``None``: not checked); an in-plane size (after
     reorientation to RAS) below ``min_size``. Labels without foreground (no value >= 0.5, the
@@ -185,6 +189,11 @@ def check_volumes(
                 image = None
             elif image.ndim == 4 and channel is not None:
                 image = image[..., int(channel)]
+            elif image.ndim == 4:
+                problems.append(f"{image_path}: a 4-D image of shape {tuple(image.shape)} ({image.shape[3]} channels or "
+                                "time points) in a layout that does not say which channel to segment (only the Decathlon "
+                                "layout does: the T2 channel of its dataset.json); save that channel as a 3-D volume")
+                image = None
             elif image.ndim != 3:
                 problems.append(f"{image_path}: expected a 3-D volume, got an array of shape {tuple(image.shape)}")
                 image = None
