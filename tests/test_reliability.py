@@ -216,6 +216,32 @@ def test_every_problem_of_a_data_set_is_reported_at_once_before_training(tmp_pat
     _assert_clean_failure(out, data / "images" / "nan.nii.gz", "non-finite")
 
 
+def test_broken_symbolic_links_are_named_as_such(tmp_path):
+    from msf_monai.data import fundus_datalist, prostate_datalist
+    from msf_monai.data.validation import DataValidationError
+
+    data = tiny_dataset(tmp_path / "data", n=3)
+    (data / "images" / "case1.nii.gz").unlink()
+    (data / "images" / "case1.nii.gz").symlink_to(tmp_path / "gone.nii.gz")  # dangling
+    (data / "labels" / "case2.nii.gz").unlink()
+    (data / "labels" / "case2.nii.gz").symlink_to("case2.nii.gz")  # loops on itself
+    with pytest.raises(DataValidationError) as err:
+        prostate_datalist(str(data))
+    text = "\n".join(err.value.problems)
+    assert f"broken symbolic link: {data / 'images' / 'case1.nii.gz'} -> {tmp_path / 'gone.nii.gz'}" in text
+    assert f"broken symbolic link: {data / 'labels' / 'case2.nii.gz'} -> case2.nii.gz" in text
+    assert "without image" not in text and "without label" not in text  # the partners are not blamed
+
+    fundus = tmp_path / "fundus"
+    for folder in ("images", "masks"):
+        (fundus / folder).mkdir(parents=True)
+    (fundus / "images" / "a.png").symlink_to(tmp_path / "gone.png")
+    (fundus / "masks" / "a.png").write_bytes(b"")
+    with pytest.raises(DataValidationError) as err:
+        fundus_datalist(str(fundus), layout="folder")
+    assert f"broken symbolic link: {fundus / 'images' / 'a.png'}" in "\n".join(err.value.problems)
+
+
 def _one_case(tmp_path, image, label, **kw):
     write_case(tmp_path, "bad", image, label, **kw)
     return [{"image": str(tmp_path / "images" / "bad.nii.gz"), "label": str(tmp_path / "labels" / "bad.nii.gz"), "site": "x", "case": "bad"}]
@@ -255,6 +281,13 @@ def test_non_finite_voxels_name_the_image(tmp_path):
     image[3, 4, 2] = np.inf
     items = _one_case(tmp_path, image, label)
     assert _problem(items).startswith(items[0]["image"]) and "1 non-finite" in _problem(items)
+
+
+def test_blank_image_is_named_before_preprocessing_divides_by_zero(tmp_path):
+    image, label = _volume(np.random.default_rng(0))
+    items = _one_case(tmp_path, np.zeros_like(image), label)
+    problem = _problem(items)
+    assert problem.startswith(items[0]["image"]) and "every voxel has the value 0" in problem
 
 
 def test_label_values_outside_the_set_name_the_label(tmp_path):

@@ -44,7 +44,9 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .prostate_lists import DataListError, _check_root, _natural_key, _visible, same_output_name_problems
+from .prostate_lists import (
+    DataListError, _broken_link, _check_root, _natural_key, _visible, broken_link_problem, same_output_name_problems,
+)
 from .validation import exit_on_data_errors
 
 __all__ = [
@@ -120,7 +122,8 @@ def _is_image_name(path: Path) -> bool:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if _visible(p) and p.is_file() and _is_image_name(p)),
+    """Image files of ``folder``, broken symbolic links included (:func:`_readable` names them)."""
+    return sorted((p for p in folder.iterdir() if _visible(p) and (p.is_file() or _broken_link(p)) and _is_image_name(p)),
                   key=lambda p: _natural_key(p.name))
 
 
@@ -128,6 +131,10 @@ def _readable(path: Path, problems: list[str]) -> bool:
     """Open the file's header with PIL; report a problem when it is no readable image."""
     from PIL import Image
 
+    link = broken_link_problem(path)
+    if link:
+        problems.append(link)
+        return False
     try:
         with Image.open(path) as im:
             im.size  # noqa: B018 - header parsed

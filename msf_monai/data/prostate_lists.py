@@ -28,6 +28,7 @@ image, unreadable headers...) are collected and raised once as :class:`DataListE
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -92,9 +93,27 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".") and path.name.lower() not in _IGNORED_DIRS
 
 
+def _broken_link(path: Path) -> bool:
+    """A symbolic link whose target is missing (or that loops back on itself)."""
+    return path.is_symlink() and not path.exists()
+
+
+def broken_link_problem(path: Path) -> str | None:
+    """The problem text for a broken symbolic link, else ``None``."""
+    if not _broken_link(path):
+        return None
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return f"broken symbolic link: {path} -> {target} (its target is missing or the link loops)"
+
+
 def _image_files(folder: Path) -> list[Path]:
+    """Case files of ``folder``, broken symbolic links included (so that the pairing names the
+    link, not its partner as unpaired; :func:`_make_item` reports it)."""
     return sorted((p for p in folder.iterdir()
-                   if _visible(p) and p.is_file() and _split_ext(p.name) is not None),
+                   if _visible(p) and (p.is_file() or _broken_link(p)) and _split_ext(p.name) is not None),
                   key=lambda p: _natural_key(p.name))
 
 
@@ -180,6 +199,10 @@ def _make_item(image: Path, label: Path, site: str, case: str, problems: list[st
     """An item; ``channel`` (the layout's channel to segment, see :func:`layout_channel`) is
     kept for 4-D images only."""
     item = {"image": str(image), "label": str(label), "site": site, "case": case}
+    links = [text for text in (broken_link_problem(image), broken_link_problem(label)) if text]
+    if links:
+        problems.extend(links)
+        return item
     ndim, problem = _header_info(image)
     if problem:
         problems.append(problem)

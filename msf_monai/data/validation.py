@@ -108,8 +108,17 @@ def _finish(items, problems, no_foreground, warnings, what) -> DataCheck:
     if no_foreground:
         logger.warning("%d %s without foreground (skipped for training, kept for evaluation): %s",
                        len(no_foreground), what, ", ".join(no_foreground))
-    logger.info("data check: %d case(s) read, no problems", len(items))
+    logger.info("data check: %d case(s) read, every file readable and consistent", len(items))
     return DataCheck(items, no_foreground, warnings)
+
+
+def _constant_text(image: np.ndarray) -> str | None:
+    """A problem text when every (finite) voxel of ``image`` has one value: such an image holds
+    nothing to segment, and its intensity scaling would divide by zero."""
+    finite = image[np.isfinite(image)] if image.dtype.kind in "fc" else image
+    if finite.size and finite.min() == finite.max():
+        return f"every voxel has the value {float(finite.flat[0]):g} (an empty or blank image; nothing to segment)"
+    return None
 
 
 def _values_text(values: np.ndarray) -> str:
@@ -202,6 +211,9 @@ def check_volumes(
                 bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
                 if bad:
                     problems.append(f"{image_path}: {bad} non-finite voxel(s) (NaN or infinity) out of {image.size}")
+            constant = _constant_text(image)
+            if constant:
+                problems.append(f"{image_path}: {constant}")
             h, w = _in_plane_size(image.shape, image_affine)
             if min(h, w) < min_size:
                 problems.append(f"{image_path}: in-plane size {h} x {w} voxels is smaller than the network's "
@@ -287,6 +299,9 @@ def check_fundus_images(items: Sequence[Mapping], min_size: int = MIN_IMAGE_SIZE
                 problems.append(f"{image_path}: size {w} x {h} pixels is smaller than the network's minimum {min_size} x {min_size}")
             if image.dtype.kind in "fc" and not np.isfinite(image).all():
                 problems.append(f"{image_path}: non-finite pixel values (NaN or infinity)")
+            constant = _constant_text(image)
+            if constant:
+                problems.append(f"{image_path}: {constant}")
         label_path = item.get("label")
         if label_path is None:
             continue
