@@ -475,3 +475,21 @@ def test_cup_inside_disc():
     assert np.array_equal(out_np[1], expected_cup.numpy())
     with pytest.raises(ValueError):
         CupInsideDiscd(keys="pred")({"pred": torch.zeros(3, 4, 4)})
+
+
+def test_one_odd_mask_is_named_not_the_coding_of_the_others(tmp_path):
+    """The palette coding is decided by most masks, so an odd first mask is the one reported."""
+    from PIL import Image
+
+    from msf_monai.data import DataValidationError, check_fundus_images
+
+    root, names = _drishti_copy(tmp_path, n=4)
+    odd = root / "masks" / names[0]  # the first mask, grey 0/128/255 instead of the palette
+    palette = np.asarray(Image.open(odd))
+    Image.fromarray(np.where(palette == 0, 255, np.where(palette == 1, 128, 0)).astype(np.uint8), mode="L").save(odd)
+    assert detect_fundus_layout(root) == "drishti"
+    items = build_fundus_datalist(root)
+    with pytest.raises(DataValidationError) as err:
+        check_fundus_images(items)
+    problems = err.value.problems
+    assert len(problems) == 1 and problems[0].startswith(str(odd)), problems

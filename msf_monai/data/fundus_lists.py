@@ -303,25 +303,22 @@ def list_fundus_folder(root, mapping=None, site: str | None = None) -> list[dict
     return items
 
 
-def _looks_like_palette(mask_dir: Path, n_check: int = 3) -> bool:
-    """True when the first masks are palette PNGs or hold only values <= 2."""
+def _looks_like_palette(mask_dir: Path) -> bool:
+    """True when most masks are palette PNGs or hold only values <= 2. A majority over every
+    mask, not the first few: one odd mask must be named by the data check, not turn the
+    coding of all the others into the wrong one."""
     import numpy as np
     from PIL import Image
 
-    masks = _files(mask_dir)[:n_check]
-    if not masks:
-        return False
+    masks = _files(mask_dir)
+    votes = 0
     for p in masks:
         try:
             with Image.open(p) as im:
-                if im.mode in ("P", "PA"):
-                    continue
-                if int(np.asarray(im).max(initial=0)) <= 2:
-                    continue
+                votes += im.mode in ("P", "PA") or int(np.asarray(im).max(initial=0)) <= 2
         except Exception:  # noqa: BLE001 - unreadable masks are reported by the lister
-            return False
-        return False
-    return True
+            continue
+    return bool(masks) and votes * 2 > len(masks)
 
 
 def detect_fundus_layout(root) -> str:
