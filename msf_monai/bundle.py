@@ -17,6 +17,7 @@ __all__ = [
     "require_file",
     "select_sites",
     "training_subset",
+    "CheckpointLockedError",
     "ConfigValueError",
     "MissingPhaseOutputError",
     "PhaseError",
@@ -44,6 +45,11 @@ class ConfigValueError(SystemExit):
 
 class PhaseError(SystemExit):
     """A phase stopped on a problem it explains (e.g. a diverged flow fit); message only, exit 1."""
+
+
+class CheckpointLockedError(PhaseError):
+    """Another run holds the lock of the checkpoint this run would write (or read while it is
+    being written); see :mod:`msf_monai.locks`. Message only, exit 1."""
 
 
 def check_settings(image_size=None, style_layers=None, temperatures=None, style_source="image_decoder") -> bool:
