@@ -21,6 +21,7 @@ __all__ = [
     "ConfigValueError",
     "MissingPhaseOutputError",
     "PhaseError",
+    "UnfinishedPhaseError",
     "check_settings",
     "deterministic_algorithms",
 ]
@@ -50,6 +51,11 @@ class PhaseError(SystemExit):
 class CheckpointLockedError(PhaseError):
     """Another run holds the lock of the checkpoint this run would write (or read while it is
     being written); see :mod:`msf_monai.locks`. Message only, exit 1."""
+
+
+class UnfinishedPhaseError(MissingPhaseOutputError):
+    """A phase's input comes from an earlier phase's run that did not finish (or was replaced
+    after it finished); see :func:`msf_monai.resume.require_finished_run`. Message only, exit 1."""
 
 
 def check_settings(image_size=None, style_layers=None, temperatures=None, style_source="image_decoder") -> bool:

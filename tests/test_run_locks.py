@@ -1,8 +1,10 @@
-"""Issue 16, item 6: one training run per checkpoint.
+"""Issue 16, item 6: one training run per checkpoint, and no phase built on an unfinished one.
 
 * Phase I, II and III take a lock per checkpoint file (``<checkpoint>.lock``) before any work:
   a second run on the same checkpoint stops with a message naming the lock and its holder,
   while the first one goes on; a lock left by a killed run is taken over with a notice.
+* Phase II (and Phase III's ``init_from_phase1`` and flows) read an earlier phase's output only
+  when the training state saved next to it says that run finished.
 
 The bundle runs use the tiny data set of ``test_reliability.py`` (a Phase I epoch: seconds)."""
 
@@ -20,11 +22,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Engine, Events
 
 from bundle_utils import REPO, check, copy_bundle, run_bundle
-from msf_monai.bundle import CheckpointLockedError
+from msf_monai.bundle import CheckpointLockedError, UnfinishedPhaseError
 from msf_monai.locks import CheckpointLock, lock_holder
+from msf_monai.networks import DualDecoderNet
+from msf_monai.resume import TrainingCheckpointer, atomic_save, file_digest, require_finished_run
 from test_reliability import TINY, tiny_dataset
+
+PHASE1_COMMAND = "python -m monai.bundle run --config_file bundles/prostate/configs/phase1.json"
+
 
 def _start(cwd: Path, config: str, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/prostate/configs/{config}.json", *args]
@@ -91,7 +99,7 @@ def test_a_second_run_on_the_same_checkpoint_stops_before_any_work_and_the_first
     assert not lock.exists()  # released at the end of the run
 
 
-def test_a_killed_run_leaves_a_stale_lock_the_next_run_takes_over(tmp_path):
+def test_a_killed_run_leaves_a_stale_lock_the_next_run_takes_over_and_phase2_waits_for_phase1(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data")
     models = bundle / "models"
@@ -108,11 +116,23 @@ def test_a_killed_run_leaves_a_stale_lock_the_next_run_takes_over(tmp_path):
     assert json.loads(lock.read_text())["pid"] == proc.pid  # left behind: nothing could release it
     assert (models / "phase1_model.pt").is_file()  # the best model of epoch 1, from an unfinished run
 
+    # Phase II (and Phase III initialized from Phase I) refuse the unfinished Phase I model
+    phase2 = ("--dataset_dir", str(data), "--image_size", "32", "--batch_size", "8", "--epochs", "2")
+    _clean_failure(run_bundle(tmp_path, "phase2", *phase2), models / "phase1_model.pt",
+                   models / "phase1_model_resume.pt", "did not finish", PHASE1_COMMAND)
+    assert not (models / "style_flows.pt").exists() and not (models / "style_stats.npz").exists()
+    _clean_failure(run_bundle(tmp_path, "phase3", "--dataset_dir", str(data), *TINY, "--epochs", "1",
+                              "--style_method", "dsu", "--init_from_phase1", "true"),
+                   models / "phase1_model_resume.pt", "did not finish")
+
     # the same Phase I command takes the stale lock over (with a notice) and finishes the run
     out = check(run_bundle(tmp_path, "phase1", *args))
     assert f"stale lock {lock}" in out and f"process {proc.pid}" in out
     assert f"Resuming from {models / 'phase1_model_resume.pt'}" in out
     assert not lock.exists()
+    out = check(run_bundle(tmp_path, "phase2", *phase2))
+    assert "did not finish" not in out and (models / "style_flows.pt").is_file()
+    assert not (models / "style_flows.pt.lock").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,3 +228,117 @@ def test_only_rank_zero_of_a_distributed_run_takes_the_lock(tmp_path, monkeypatc
     lock = CheckpointLock(tmp_path / "phase1_model.pt").acquire()
     assert not Path(f"{tmp_path / 'phase1_model.pt'}.lock").exists()
     lock.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# a phase reads an earlier phase's output only when that run finished
+# ---------------------------------------------------------------------------------------------
+def _tiny_engine(checkpointer: TrainingCheckpointer, epochs: int) -> Engine:
+    engine = Engine(lambda e, b: None)
+    checkpointer.attach(engine)
+    engine.run([0], max_epochs=epochs)
+    return engine
+
+
+def _checkpointer(folder: Path, resume=True) -> TrainingCheckpointer:
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    return TrainingCheckpointer(net, torch.optim.SGD(net.parameters(), 0.1), folder / "phase1_model_resume.pt",
+                                best_path=folder / "phase1_model.pt", resume=resume)
+
+
+def test_require_finished_run_decisions(tmp_path, caplog):
+    model, state = tmp_path / "phase1_model.pt", tmp_path / "phase1_model_resume.pt"
+    torch.save(DualDecoderNet().state_dict(), model)
+    # a bare model (e.g. from a packaged bundle): no state to check, used with a warning
+    with caplog.at_level(logging.WARNING, logger="msf_monai.resume"):
+        assert require_finished_run(model, what="Phase I", command=PHASE1_COMMAND) == str(model)
+    assert f"no training state {state}" in caplog.text
+    # an interrupted run
+    atomic_save({"format": "msf_monai.resume", "finished": False, "epoch": 2, "max_epochs": 5}, state)
+    with pytest.raises(UnfinishedPhaseError, match="did not finish") as err:
+        require_finished_run(model, what="Phase I", command=PHASE1_COMMAND)
+    assert str(model) in str(err.value) and str(state) in str(err.value) and "epoch 2 of 5" in str(err.value)
+    assert PHASE1_COMMAND in str(err.value)
+    # a finished run, and the model it saved
+    atomic_save({"format": "msf_monai.resume", "finished": True, "epoch": 5, "output_sha1": file_digest(model)}, state)
+    assert require_finished_run(model, what="Phase I", command=PHASE1_COMMAND) == str(model)
+    # ... but not a model put there afterwards
+    torch.save(DualDecoderNet(out_channels=2).state_dict(), model)
+    with pytest.raises(UnfinishedPhaseError, match="not the model"):
+        require_finished_run(model, what="Phase I", command=PHASE1_COMMAND)
+    # an unreadable state
+    state.write_bytes(b"garbage")
+    with pytest.raises(UnfinishedPhaseError, match="cannot read"):
+        require_finished_run(model, what="Phase I", command=PHASE1_COMMAND)
+    state.unlink()
+    # a run writing the model right now
+    holder = _holder(model)
+    try:
+        with pytest.raises(CheckpointLockedError, match=f"process {holder.pid}"):
+            require_finished_run(model, what="Phase I", command=PHASE1_COMMAND)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_marks_its_state_unfinished_from_the_start(tmp_path):
+    """A ``--resume false`` run (or a fresh one) killed before its first checkpoint must not
+    leave the previous run's finished state next to a model it may already have replaced."""
+    torch.save(DualDecoderNet().state_dict(), tmp_path / "phase1_model.pt")  # its best model
+    _tiny_engine(_checkpointer(tmp_path), 2)
+    state = torch.load(tmp_path / "phase1_model_resume.pt", weights_only=True)
+    assert state["finished"] and state["epoch"] == 2
+
+    class Killed(Exception):
+        pass
+
+    def killed(_):
+        raise Killed
+
+    engine = Engine(lambda e, b: None)
+    _checkpointer(tmp_path, resume=False).attach(engine)
+    engine.add_event_handler(Events.ITERATION_STARTED, killed)
+    with pytest.raises(Killed):
+        engine.run([0], max_epochs=2)
+    state = torch.load(tmp_path / "phase1_model_resume.pt", weights_only=True)
+    assert state["finished"] is False and state["epoch"] == 0
+    with pytest.raises(UnfinishedPhaseError, match="epoch 0 of 2"):
+        require_finished_run(tmp_path / "phase1_model.pt", what="Phase I", command=PHASE1_COMMAND)
+
+
+def test_a_flow_fit_marks_its_state_unfinished_from_the_start(tmp_path):
+    """Phase II likewise: Phase III must not take the previous fit's flows for finished ones
+    while a --resume false fit that replaces them is under way or was killed."""
+    import numpy as np
+
+    from msf_monai.flows import StyleFlowBank
+    from msf_monai.handlers import StyleFlowFitter, StyleStatisticsRecorder
+
+    rng = np.random.default_rng(0)
+    recorder = StyleStatisticsRecorder(layers=[2])
+    recorder.stats = {2: {"mean": rng.normal(0, 1, (40, 4)).astype(np.float32), "var": rng.uniform(0.5, 2, (40, 4)).astype(np.float32)}}
+    flows, state = tmp_path / "style_flows.pt", tmp_path / "style_flows_resume.pt"
+
+    def fitter(resume=True):
+        return StyleFlowFitter(recorder, StyleFlowBank({2: 4}, num_blocks=2), flows, epochs=2, lr=1e-3,
+                               resume_path=state, resume=resume, checkpoint_every=1)
+
+    fitter()(None)
+    assert torch.load(state, weights_only=True)["output_sha1"] == file_digest(flows)
+    assert require_finished_run(flows, what="Phase II") == str(flows)
+
+    class Killed(Exception):
+        pass
+
+    again = fitter(resume=False)
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    again.bank.fit = killed
+    with pytest.raises(Killed):
+        again(None)
+    assert torch.load(state, weights_only=True)["finished"] is False
+    with pytest.raises(UnfinishedPhaseError, match="Phase II run that did not finish"):
+        require_finished_run(flows, what="Phase II", command="python -m monai.bundle run --config_file phase2.json")
