@@ -18,9 +18,11 @@ __all__ = [
     "require_file",
     "select_sites",
     "training_subset",
+    "CheckpointLockedError",
     "ConfigValueError",
     "MissingPhaseOutputError",
     "PhaseError",
+    "UnfinishedPhaseError",
     "arguments_for",
     "check_overrides",
     "check_settings",
@@ -48,6 +50,16 @@ class ConfigValueError(SystemExit):
 
 class PhaseError(SystemExit):
     """A phase stopped on a problem it explains (e.g. a diverged flow fit); message only, exit 1."""
+
+
+class CheckpointLockedError(PhaseError):
+    """Another run holds the lock of the checkpoint this run would write (or read while it is
+    being written); see :mod:`msf_monai.locks`. Message only, exit 1."""
+
+
+class UnfinishedPhaseError(MissingPhaseOutputError):
+    """A phase's input comes from an earlier phase's run that did not finish (or was replaced
+    after it finished); see :func:`msf_monai.resume.require_finished_run`. Message only, exit 1."""
 
 
 def _whole(low: int):

@@ -231,8 +231,7 @@ class StyleFlowFitter:
         if not self.resume_path.is_file():
             return None
         if not self.resume:
-            self.resume_path.unlink()
-            logger.info("--resume false: removed the previous flow-fitting state %s; fitting from scratch", self.resume_path)
+            logger.info("--resume false: the previous flow-fitting state %s is replaced; fitting from scratch", self.resume_path)
             return None
         saved = load_resume_state(self.resume_path)
         diff = _differences(saved.get("settings", {}), self.settings)
@@ -250,12 +249,14 @@ class StyleFlowFitter:
         return flows
 
     def _save_state(self, flows: dict, digest: str, finished: bool = False) -> None:
-        from msf_monai.resume import RESUME_FORMAT, RESUME_VERSION, atomic_save
+        from msf_monai.resume import RESUME_FORMAT, RESUME_VERSION, atomic_save, file_digest
 
         if self.resume_path is None:
             return
+        # output_sha1: the flow file this finished fit vouches for (msf_monai.resume.require_finished_run)
         atomic_save({"format": RESUME_FORMAT, "version": RESUME_VERSION, "finished": bool(finished), "epoch": 0,
-                     "settings": dict(self.settings), "statistics": digest, "flows": flows}, self.resume_path)
+                     "settings": dict(self.settings), "statistics": digest, "flows": flows,
+                     "output_sha1": file_digest(self.flow_path) if finished else None}, self.resume_path)
 
     def __call__(self, engine: Engine) -> None:
         from msf_monai.bundle import PhaseError
@@ -267,6 +268,9 @@ class StyleFlowFitter:
         state = self._resume_state(digest)
         logger.info("fitting %d style flows (%d epochs)", 2 * len(stats), self.fit_kwargs["epochs"])
         flows: dict = dict(state or {})
+        # the state says "unfinished" from here until the flows are saved: a fit killed before its
+        # first checkpoint never leaves the previous fit's "finished" next to the old flow file
+        self._save_state(flows, digest)
 
         def checkpoint(states: dict) -> None:
             flows.clear()

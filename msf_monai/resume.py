@@ -14,6 +14,17 @@ the same command is run after a crash, a pre-empted GPU or a ``kill``.
 * :func:`check_resume` -- called in the configs' ``initialize`` (before any work): refuses to
   silently retrain a phase whose saved state says it finished, and refuses to resume a state
   saved with other data or settings.
+* :func:`require_finished_run` -- called before a phase reads an earlier phase's output (Phase
+  II reads Phase I's model, Phase III the flows and, with ``init_from_phase1``, Phase I's
+  model): refuses an output whose run did not finish, is still running, or was replaced after
+  it finished; an output without a saved state (e.g. from a packaged bundle) is used with a
+  warning.
+
+A run marks its saved state *unfinished* as soon as it starts (a fresh or ``--resume false``
+run replaces the previous run's state at once), and writes ``finished`` with the SHA-1 of the
+model it saved (``output_sha1``) when it ends; so the state next to a model always says whether
+the run that wrote it finished. Concurrent runs on one checkpoint are prevented by
+:mod:`msf_monai.locks`.
 
 Resume files hold tensors and plain Python values only, so ``torch.load(weights_only=True)``
 reads them.
@@ -49,6 +60,7 @@ __all__ = [
     "get_rng_states",
     "load_resume_state",
     "remove_stale_temporaries",
+    "require_finished_run",
     "set_rng_states",
 ]
 
@@ -299,6 +311,78 @@ def _as_bool(value) -> bool:
     return as_bool(value, "resume")
 
 
+def state_path_of(path: str | os.PathLike) -> Path:
+    """The training state saved next to an output: ``<name>_resume.pt`` (the configs'
+    ``resume_checkpoint`` / ``flow_resume_checkpoint``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_resume{path.suffix}")
+
+
+def require_finished_run(
+    path: str | os.PathLike,
+    state_path: str | os.PathLike | None = None,
+    what: str = "the earlier phase",
+    command: str | None = None,
+) -> str:
+    """Return ``path`` (an earlier phase's output, e.g. ``models/phase1_model.pt``) if the run
+    that wrote it finished; else stop with a message naming the file, its saved state and the
+    command that finishes it.
+
+    Decisions, from the training state at ``state_path`` (default: ``<name>_resume.pt`` next to
+    ``path``, what :class:`TrainingCheckpointer` and Phase II's flow fitter write):
+
+    * ``path`` missing: :class:`~msf_monai.bundle.MissingPhaseOutputError` with ``command``;
+    * a run holds ``path``'s lock now (it is being written): :class:`~msf_monai.bundle.CheckpointLockedError`;
+    * no state: a warning, and ``path`` is used as it is -- a model from a packaged bundle or
+      another machine comes without one, and then nothing here can tell how it was made;
+    * a state saying the run did not finish (interrupted, killed, a ``--resume false`` run
+      stopped early), an unreadable state, or a finished state whose ``output_sha1`` is not
+      ``path``'s (the file was replaced after that run): :class:`~msf_monai.bundle.UnfinishedPhaseError`.
+    """
+    from msf_monai.bundle import CheckpointLockedError, MissingPhaseOutputError, UnfinishedPhaseError
+    from msf_monai.locks import _describe, lock_holder, lock_path
+
+    path = Path(path)
+    again = f":\n  {command}" if command else "."
+    if not path.is_file():
+        raise MissingPhaseOutputError(f"required file not found: {path}\nCreate it first with{again}")
+    holder = lock_holder(path)
+    if holder is not None:
+        raise CheckpointLockedError(
+            f"{path} is being written by a {what} run that has not ended: its lock {lock_path(path)} is held by "
+            f"{_describe(holder)}. Wait for that run to finish, then run this command again."
+        )
+    state_path = state_path_of(path) if state_path is None else Path(state_path)
+    if not state_path.is_file():
+        logger.warning("no training state %s next to %s: cannot check that the %s run that wrote it finished; "
+                       "using it as it is (a model from a packaged bundle has no state)", state_path, path, what)
+        return str(path)
+    try:
+        state = load_resume_state(state_path)
+    except ResumeError:
+        raise UnfinishedPhaseError(
+            f"cannot read the training state {state_path} saved next to {path}, so it is unknown whether the {what} "
+            f"run that wrote {path.name} finished. Run {what} again{again}\n(or delete {state_path} to use {path} as it is)"
+        ) from None
+    if not state.get("finished"):
+        where = ""
+        if state.get("max_epochs") is not None:
+            where = f" (it stopped at epoch {int(state.get('epoch', 0))} of {int(state['max_epochs'])})"
+        raise UnfinishedPhaseError(
+            f"{path} comes from a {what} run that did not finish: its training state {state_path} says so{where}. "
+            f"Using it would build on a partly trained model. Finish that run: run {what} again with the same "
+            f"settings, it resumes where it stopped{again}"
+        )
+    digest = state.get("output_sha1")
+    if digest and file_digest(path) != digest:
+        raise UnfinishedPhaseError(
+            f"{path} is not the model that the finished {what} run saved (its training state {state_path}): the file "
+            f"was replaced after that run. Run {what} again (with --resume false){again}\n"
+            f"or, to use {path} as it is, delete {state_path}."
+        )
+    return str(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # the handler
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +508,9 @@ class TrainingCheckpointer:
             "best_saved_epoch": self._best_saved_epoch,
             "rng": get_rng_states(),
             "settings": dict(self.settings),
+            # the model this finished run vouches for (see require_finished_run)
+            "output_sha1": file_digest(self.best_path) if finished and self.best_path is not None
+            and self.best_path.is_file() else None,
         }
 
     def save(self, engine: Engine, finished: bool = False) -> None:
@@ -465,15 +552,26 @@ class TrainingCheckpointer:
                 # which data and split train this model: evaluation reads it back
                 write_training_record(self.best_path, self.settings)
         if not self.resume:
-            if self.path.is_file() and _is_rank_zero():
-                self.path.unlink()
-                logger.info("--resume false: removed the previous training state %s; training from scratch", self.path)
-            return
-        if not self.path.is_file():
+            if self.path.is_file():
+                logger.info("--resume false: the previous training state %s is replaced; training from scratch", self.path)
+        elif not self.path.is_file():
             logger.info("no saved training state at %s: training from scratch", self.path)
+        else:
+            state = load_resume_state(self.path, map_location="cpu")
+            self.load(engine, state)
+            if not state.get("finished"):
+                return  # the saved state already says unfinished
+        # from now on the state next to the model says "unfinished" until this run completes:
+        # a run killed before its first checkpoint (or a --resume false run replacing a finished
+        # one) never leaves the previous run's "finished" next to a model it may have replaced
+        self._mark_unfinished(engine)
+
+    def _mark_unfinished(self, engine: Engine) -> None:
+        if not _is_rank_zero():
             return
-        state = load_resume_state(self.path, map_location="cpu")
-        self.load(engine, state)
+        atomic_save(self.state(engine, finished=False), self.path)
+        logger.info("epoch %d: marked the training state %s as unfinished until this run completes",
+                    engine.state.epoch, self.path)
 
     def load(self, engine: Engine, state: Mapping) -> None:
         """Put ``state`` (see :meth:`state`) back into the network, optimizer, engine, validator
