@@ -77,7 +77,19 @@ class ResumeError(SystemExit):
 
 
 class PhaseFinishedError(SystemExit):
-    """The phase has already run to its end; re-running it would overwrite its models."""
+    """The phase has already run to its end: nothing to do, and its models are not overwritten.
+
+    Exit status 0 (success, as ``make`` treats a target that is up to date: a pipeline that
+    reruns every step goes on), with the message saying how to retrain or train longer."""
+
+    def __init__(self, message: str):
+        self.message = message
+        logger.info(message)
+        print(message, file=sys.stderr, flush=True)
+        super().__init__(0)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class InterruptedRun(SystemExit):
