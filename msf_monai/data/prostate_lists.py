@@ -498,9 +498,9 @@ def image_files(folder) -> list[dict]:
     """Inference list: every image file of ``folder`` (NIfTI, MetaImage, NRRD) that is not a
     label (``*_segmentation``), as ``{"image": path, "case": name}`` items, plus ``"channel"``
     for the 4-D images of a Decathlon ``imagesTr/`` or ``imagesTs/`` folder, as in training
-    (:func:`layout_channel`). Two files of the
-    same name with different extensions (``Case00.nii`` and ``Case00.nii.gz``) would write one
-    mask: they are refused, naming both (:func:`same_output_name_problems`)."""
+    (:func:`layout_channel`). Two files of the same name with different extensions
+    (``Case00.nii`` and ``Case00.nii.gz``) would write one mask: they are refused, naming both
+    (:func:`same_output_name_problems`)."""
     path = _check_root(folder)
     problems: list[str] = []
     channel = layout_channel(path, problems)
