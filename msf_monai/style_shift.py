@@ -254,7 +254,9 @@ class StyleShiftWriter:
         self.phase1_checkpoint, self.flow_checkpoint = Path(phase1_checkpoint), Path(flow_checkpoint)
         self.calibration_file, self.output_file = Path(calibration_file), Path(output_file)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.enabled = bool(enabled)
+        from .cli import as_bool
+
+        self.enabled = as_bool(enabled, "style_shift")  # the command line gives "false" as a string
         self.device = device
         self.batch_size = int(batch_size)
         self.how_to_create = how_to_create

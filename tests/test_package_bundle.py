@@ -165,3 +165,10 @@ def test_packaged_archive_runs_inference_anywhere(tmp_path):
     assert len(val) == 1 and "source validation, n=1 of 3" in out
     # nothing was generated: no demo data in the unpacked bundle nor beside it
     assert not (elsewhere / "prostate" / "demo_data").exists()
+
+
+@pytest.mark.parametrize("value,enabled", [("false", False), ("False", False), ("0", False), ("true", True), (True, True)])
+def test_style_shift_switch_reads_the_command_lines_strings(tmp_path, value, enabled):
+    """``--style_shift false`` reaches the writer as the string "false", which ``bool`` calls true."""
+    writer = StyleShiftWriter(tmp_path / "p.pt", tmp_path / "f.pt", tmp_path / "c.json", tmp_path / "out.csv", enabled=value)
+    assert writer.enabled is enabled
