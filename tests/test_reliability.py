@@ -70,24 +70,33 @@ def _assert_clean_failure(proc, *names):
 # ---------------------------------------------------------------------------------------------
 # resume
 # ---------------------------------------------------------------------------------------------
+def _signal_phase1_after(tmp_path, args, marker: str, sig) -> tuple[subprocess.Popen, list[str]]:
+    """Run Phase I in a subprocess, send ``sig`` when a line contains ``marker``; returns the
+    finished process and every line it printed."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/prostate/configs/phase1.json", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                proc.send_signal(sig)
+                break
+        lines += proc.stdout.readlines()
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    return proc, lines
+
+
 def test_phase1_killed_after_a_checkpoint_resumes_with_the_same_command(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data")
     models = bundle / "models"
     args = ("--dataset_dir", str(data), *TINY, "--epochs", "6", "--checkpoint_interval", "1")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/prostate/configs/phase1.json", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first = []
-    try:
-        for line in proc.stdout:
-            first.append(line)
-            if "epoch 2: saved the training state" in line:
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
+    proc, first = _signal_phase1_after(tmp_path, args, "epoch 2: saved the training state", signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, "".join(first[-40:])
     state = torch.load(models / "phase1_model_resume.pt", weights_only=True)
     assert not state["finished"] and state["epoch"] >= 2
@@ -116,20 +125,7 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
     data = tiny_dataset(tmp_path / "data")
     models = bundle / "models"
     args = ("--dataset_dir", str(data), *TINY, "--epochs", "50", "--checkpoint_interval", "1")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/prostate/configs/phase1.json", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "epoch 1: saved the training state" in line:
-                proc.send_signal(signal.SIGINT)
-                break
-        lines += proc.stdout.readlines()
-        proc.wait(timeout=300)
-    finally:
-        proc.kill()
+    proc, lines = _signal_phase1_after(tmp_path, args, "epoch 1: saved the training state", signal.SIGINT)
     out = "".join(lines)
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
