@@ -62,6 +62,7 @@ __all__ = [
     "remove_stale_temporaries",
     "require_finished_run",
     "set_rng_states",
+    "state_path_of",
 ]
 
 logger = logging.getLogger("msf_monai.resume")
@@ -563,6 +564,7 @@ class TrainingCheckpointer:
                 remove_stale_temporaries(self.best_path)
                 # which data and split train this model: evaluation reads it back
                 write_training_record(self.best_path, self.settings)
+        mark = True
         if not self.resume:
             if self.path.is_file():
                 logger.info("--resume false: the previous training state %s is replaced; training from scratch", self.path)
@@ -571,19 +573,18 @@ class TrainingCheckpointer:
         else:
             state = load_resume_state(self.path, map_location="cpu")
             self.load(engine, state)
-            if not state.get("finished"):
-                return  # the saved state already says unfinished
+            mark = bool(state.get("finished"))  # an unfinished state already says so
         # from now on the state next to the model says "unfinished" until this run completes:
         # a run killed before its first checkpoint (or a --resume false run replacing a finished
         # one) never leaves the previous run's "finished" next to a model it may have replaced
-        self._mark_unfinished(engine)
-
-    def _mark_unfinished(self, engine: Engine) -> None:
-        if not _is_rank_zero():
-            return
-        atomic_save(self.state(engine, finished=False), self.path)
-        logger.info("epoch %d: marked the training state %s as unfinished until this run completes",
-                    engine.state.epoch, self.path)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            # every rank has read the saved state (or seen none) before rank 0 replaces it
+            dist.barrier()
+        if mark and _is_rank_zero():
+            atomic_save(self.state(engine, finished=False), self.path)
+            logger.info("epoch %d: marked the training state %s as unfinished until this run completes",
+                        engine.state.epoch, self.path)
 
     def load(self, engine: Engine, state: Mapping) -> None:
         """Put ``state`` (see :meth:`state`) back into the network, optimizer, engine, validator

@@ -46,6 +46,9 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
     models = {p.name for p in (bundle / "models").iterdir()}
     assert {"phase1_model.pt", "phase1_model_final.pt"} <= models, models
     assert out.count("saved final checkpoint") == 1
+    # a fresh run: rank 0 marks the state unfinished only after every rank saw there was none
+    assert out.count("marked the training state") == 1 and "Resuming from" not in out
+    assert not (bundle / "models" / "phase1_model.pt.lock").exists()  # rank 0's lock, released
     assert out.count("train_loss:") == 1 and out.count("Epoch[1] Metrics") == 1
     # both ranks validated (on their share of the split) and agree on the all-gathered metric
     assert out.count("SupervisedEvaluator - INFO - Engine run finished") == 2
