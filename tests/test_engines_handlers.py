@@ -274,11 +274,13 @@ def test_data_wait_timer_measures_a_slow_loader():
     assert record["data_wait_s"] < record["epoch_s"]
 
 
+@pytest.mark.parametrize("stylized_weight", [1.0, 0.5])
 @pytest.mark.parametrize("stylized_bn", ["train", "frozen"])
-def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylized_bn):
+def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylized_bn, stylized_weight):
     """MixStyleFlowIteration back-propagates the clean terms before the stylized pass (to halve
-    peak memory); the accumulated gradient must equal that of one backward of the total loss.
-    With ``stylized_bn="frozen"`` the stylized terms see the batch-norm weights as constants."""
+    peak memory); the accumulated gradient must equal that of one backward of the total loss
+    ``clean + stylized_weight * stylized``. With ``stylized_bn="frozen"`` the stylized terms see
+    the batch-norm weights as constants."""
     from types import SimpleNamespace
 
     from msf_monai.engines import add_image_noise, frozen_batchnorm_statistics, rescale_to_reference
@@ -296,7 +298,7 @@ def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylize
     net_a = make()
     engine = SimpleNamespace(network=net_a, loss_function=loss_fn, state=SimpleNamespace(output={}), fire_event=lambda e: None)
     torch.manual_seed(1)
-    iteration = MixStyleFlowIteration(rec_weight=0.5, stylized_bn=stylized_bn)
+    iteration = MixStyleFlowIteration(rec_weight=0.5, stylized_bn=stylized_bn, stylized_weight=stylized_weight)
     terms = iteration.forward_backward(engine, x, y, lambda loss: loss.backward())
 
     net_b = make()
@@ -311,9 +313,14 @@ def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylize
         params = {n: t.detach() if n in bn else t for n, t in params.items()}
     with frozen_batchnorm_statistics(net_b) if stylized_bn == "frozen" else contextlib.nullcontext():
         seg_s, rec_s = torch.func.functional_call(net_b, params, (stylized,))
-    total = loss_fn(seg, y) + 0.5 * mse(rec, x) + loss_fn(seg_s, y) + 0.5 * mse(rec_s, x)
+    total = loss_fn(seg, y) + 0.5 * mse(rec, x) + stylized_weight * (loss_fn(seg_s, y) + 0.5 * mse(rec_s, x))
     total.backward()
 
     assert float(terms["loss"]) == pytest.approx(float(total), rel=1e-5)
+    # the reported loss from its own terms: clean + weight * stylized, on this fixed batch
+    clean = float(terms["seg_loss"]) + 0.5 * float(terms["rec_loss"])
+    stylized = float(terms["seg_loss_stylized"]) + 0.5 * float(terms["rec_loss_stylized"])
+    assert float(terms["loss"]) == pytest.approx(clean + stylized_weight * stylized, rel=1e-6)
+    assert abs(stylized) > 1e-3  # the weight matters
     for (name, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
