@@ -147,6 +147,39 @@ def test_maxstyle_search_makes_the_batch_harder(bundle):
     assert losses[5] > losses[0], losses
 
 
+def test_phase3_settings_reach_the_step_and_init_from_phase1_loads_phase1_weights(bundle, tmp_path):
+    """``stylized_weight`` and ``style_p`` of phase3.json reach the training step and the style
+    layers; ``init_from_phase1`` starts Phase III from the Phase I checkpoint (default: from scratch)."""
+    from msf_monai.networks import DualDecoderNet
+
+    torch.manual_seed(123)
+    phase1 = DualDecoderNet().state_dict()
+    torch.save(phase1, tmp_path / "phase1_model.pt")
+
+    def initialised(init: bool):
+        parser = _parser(bundle, "mixstyleflow")
+        parser.update({"stylized_weight": 0.5, "style_p": 0.3, "init_from_phase1": init,
+                       "phase1_checkpoint": str(tmp_path / "phase1_model.pt")})
+        steps = parser.get("initialize")
+        index = next(i for i, expr in enumerate(steps) if "init_from_phase1" in str(expr))
+        parser.get_parsed_content(f"initialize#{index}")  # the step that loads (or not) the Phase I weights
+        return parser
+
+    parser = initialised(True)
+    iteration = parser.get_parsed_content("train#iteration")
+    assert iteration.stylized_weight == 0.5
+    assert parser.get("train#trainer#network") == "@network"  # the network trained is the one initialised
+    net = parser.get_parsed_content("network")
+    assert [m.p for m in net.image_decoder_styles.values()] == [0.3, 0.3, 0.3]
+    state = net.state_dict()
+    assert set(state) == set(phase1)
+    for k, v in phase1.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+
+    fresh = initialised(False).get_parsed_content("network").state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in phase1.items() if k.endswith("weight"))
+
+
 def test_unknown_style_method_is_a_clear_error(tmp_path):
     copy_bundle("prostate", tmp_path)
     proc = run_bundle(tmp_path, "phase3", "--style_method", "mixstyel", "--image_size", "32")
