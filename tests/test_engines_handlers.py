@@ -316,11 +316,12 @@ def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylize
     total = loss_fn(seg, y) + 0.5 * mse(rec, x) + stylized_weight * (loss_fn(seg_s, y) + 0.5 * mse(rec_s, x))
     total.backward()
 
-    assert float(terms["loss"]) == pytest.approx(float(total), rel=1e-5)
+    terms = {k: float(v.detach()) for k, v in terms.items()}
+    assert terms["loss"] == pytest.approx(float(total.detach()), rel=1e-5)
     # the reported loss from its own terms: clean + weight * stylized, on this fixed batch
-    clean = float(terms["seg_loss"]) + 0.5 * float(terms["rec_loss"])
-    stylized = float(terms["seg_loss_stylized"]) + 0.5 * float(terms["rec_loss_stylized"])
-    assert float(terms["loss"]) == pytest.approx(clean + stylized_weight * stylized, rel=1e-6)
+    clean = terms["seg_loss"] + 0.5 * terms["rec_loss"]
+    stylized = terms["seg_loss_stylized"] + 0.5 * terms["rec_loss_stylized"]
+    assert terms["loss"] == pytest.approx(clean + stylized_weight * stylized, rel=1e-6)
     assert abs(stylized) > 1e-3  # the weight matters
     for (name, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
