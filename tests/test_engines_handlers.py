@@ -145,6 +145,95 @@ def test_per_case_dice_writer(tmp_path):
     assert summary["sites"]["B"]["prostate"]["mean"] == pytest.approx(0.0)
 
 
+def _evaluate_with_the_bundle_config(task, cases, tmp_path, **overrides):
+    """Run the metric, post-processing, inferer and Dice writer of ``bundles/<task>/configs/evaluate.json``
+    in a MONAI evaluator whose network is the identity: each case's ``image`` holds the logits
+    (+10 = foreground, -10 = background). Returns the key metric and the written summary."""
+    from monai.bundle import ConfigParser
+    from monai.data import DataLoader
+
+    from bundle_utils import REPO
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / task / "configs" / "evaluate.json"))
+    parser.update({"bundle_root": str(tmp_path), "output_dir": str(tmp_path), "eval_name": "m", **overrides})
+    handlers = parser.get("handlers")
+    writer_index = next(i for i, h in enumerate(handlers) if str(h.get("_target_", "")).endswith("PerCaseDiceWriter"))
+    data = [{"image": 20.0 * pred - 10.0, "label": label, "site": site, "case": case} for case, site, pred, label in cases]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=DataLoader(data, batch_size=1), network=torch.nn.Identity(),
+        inferer=parser.get_parsed_content("inferer"), postprocessing=parser.get_parsed_content("postprocessing"),
+        key_val_metric=parser.get_parsed_content("key_metric"), val_handlers=[parser.get_parsed_content(f"handlers#{writer_index}")],
+    )
+    evaluator.run()
+    return evaluator.state.metrics["mean_dice"], json.loads((tmp_path / "m_summary.json").read_text())
+
+
+def test_prostate_dice_through_the_evaluate_config(tmp_path):
+    """False positives, a missed structure, an empty label with and without a prediction, by hand:
+    the per-case Dice (``PerCaseDiceWriter``, ignore_empty=False) scores an empty label 1 when
+    nothing is predicted and 0 for any prediction; MONAI's ``MeanDice`` of the config (ignore_empty
+    default True) leaves empty-label cases out of its mean."""
+    shape = (1, 4, 4, 2)  # a small volume [C, H, W, D]: 32 voxels
+    label = torch.zeros(shape)
+    label[0, :2] = 1  # 16 voxels
+    half = torch.zeros(shape)
+    half[0, :1] = 1  # 8 voxels, all inside the label
+    fp = label.clone()
+    fp[0, 3, :2] = 1  # the label plus 4 false positives
+    stray = torch.zeros(shape)
+    stray[0, 3, 3] = 1  # one false-positive voxel, no label
+    empty = torch.zeros(shape)
+    cases = [
+        ("c1", "A", half, label),  # 2*8 / (8+16)
+        ("c2", "A", fp, label),  # 2*16 / (20+16)
+        ("c3", "B", empty, empty),  # nothing to find, nothing found
+        ("c4", "B", stray, empty),  # false positive on an empty label
+        ("c5", "B", empty, label),  # missed entirely
+    ]
+    expected = {"c1": 16 / 24, "c2": 32 / 36, "c3": 1.0, "c4": 0.0, "c5": 0.0}
+    metric, summary = _evaluate_with_the_bundle_config("prostate", cases, tmp_path, image_size=4, batch_size=2)
+    assert {c["case"]: c["prostate"] for c in summary["cases"]} == pytest.approx(expected, abs=1e-6)
+    assert summary["sites"]["A"]["prostate"]["mean"] == pytest.approx((16 / 24 + 32 / 36) / 2)
+    assert summary["sites"]["B"]["prostate"]["mean"] == pytest.approx(1 / 3)
+    assert summary["sites"]["B"]["n"] == 3
+    assert metric == pytest.approx((16 / 24 + 32 / 36 + 0.0) / 3, abs=1e-6)
+    # the paper-style table reads the per-case values: site B (unseen) 33.3 %
+    from msf_monai.report import dg_table
+
+    table = dg_table({"m": [summary]}, source_site="A")
+    assert table.mean["m"]["unseen mean"] == pytest.approx([1 / 3])
+    assert "| m | 77.8 | 33.3 | 33.3 |" in table.markdown()
+
+
+def test_fundus_two_channel_dice_through_the_evaluate_config(tmp_path):
+    """Disc and cup scored per channel; the config's post-processing keeps the cup inside the disc
+    before scoring (a cup predicted outside the predicted disc is no cup)."""
+
+    def masks(disc_box, cup_box, extra_cup=None):
+        m = torch.zeros(2, 8, 8)
+        (a, b), (c, d) = disc_box
+        m[0, a:b, c:d] = 1
+        (a, b), (c, d) = cup_box
+        m[1, a:b, c:d] = 1
+        if extra_cup is not None:
+            m[1][extra_cup] = 1
+        return m
+
+    label = masks(((2, 6), (2, 6)), ((3, 5), (3, 5)))  # disc 16 pixels, cup 4 inside it
+    p1 = masks(((2, 5), (2, 6)), ((3, 5), (3, 5)))  # disc 12 of 16, cup exact
+    p2 = masks(((2, 6), (1, 6)), ((3, 4), (3, 5)))  # disc + 4 false positives, cup 2 of 4
+    p3 = masks(((2, 6), (2, 6)), ((3, 5), (3, 5)), extra_cup=(slice(0, 1), slice(0, 2)))  # cup + 2 pixels outside the disc
+    cases = [("f1", "Domain1", p1, label), ("f2", "Domain2", p2, label), ("f3", "Domain2", p3, label)]
+    expected = {"f1": [24 / 28, 1.0], "f2": [32 / 36, 4 / 6], "f3": [1.0, 1.0]}  # f3's cup: 2*4/(6+4) without the rule
+    metric, summary = _evaluate_with_the_bundle_config("fundus", cases, tmp_path, image_size=8)
+    assert summary["channels"] == ["disc", "cup"]
+    for c in summary["cases"]:
+        assert [c["disc"], c["cup"]] == pytest.approx(expected[c["case"]], abs=1e-6), c["case"]
+    assert summary["sites"]["Domain2"]["cup"]["mean"] == pytest.approx((4 / 6 + 1.0) / 2)
+    assert metric == pytest.approx(np.mean([v for vs in expected.values() for v in vs]), abs=1e-6)
+
+
 def test_stylized_image_saver_grid(tmp_path):
     saver = StylizedImageSaver(tmp_path, every_n_epochs=1, max_images=3)
     image = torch.rand(5, 1, 16, 16)
@@ -185,11 +274,13 @@ def test_data_wait_timer_measures_a_slow_loader():
     assert record["data_wait_s"] < record["epoch_s"]
 
 
+@pytest.mark.parametrize("stylized_weight", [1.0, 0.5])
 @pytest.mark.parametrize("stylized_bn", ["train", "frozen"])
-def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylized_bn):
+def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylized_bn, stylized_weight):
     """MixStyleFlowIteration back-propagates the clean terms before the stylized pass (to halve
-    peak memory); the accumulated gradient must equal that of one backward of the total loss.
-    With ``stylized_bn="frozen"`` the stylized terms see the batch-norm weights as constants."""
+    peak memory); the accumulated gradient must equal that of one backward of the total loss
+    ``clean + stylized_weight * stylized``. With ``stylized_bn="frozen"`` the stylized terms see
+    the batch-norm weights as constants."""
     from types import SimpleNamespace
 
     from msf_monai.engines import add_image_noise, frozen_batchnorm_statistics, rescale_to_reference
@@ -207,7 +298,7 @@ def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylize
     net_a = make()
     engine = SimpleNamespace(network=net_a, loss_function=loss_fn, state=SimpleNamespace(output={}), fire_event=lambda e: None)
     torch.manual_seed(1)
-    iteration = MixStyleFlowIteration(rec_weight=0.5, stylized_bn=stylized_bn)
+    iteration = MixStyleFlowIteration(rec_weight=0.5, stylized_bn=stylized_bn, stylized_weight=stylized_weight)
     terms = iteration.forward_backward(engine, x, y, lambda loss: loss.backward())
 
     net_b = make()
@@ -222,9 +313,15 @@ def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylize
         params = {n: t.detach() if n in bn else t for n, t in params.items()}
     with frozen_batchnorm_statistics(net_b) if stylized_bn == "frozen" else contextlib.nullcontext():
         seg_s, rec_s = torch.func.functional_call(net_b, params, (stylized,))
-    total = loss_fn(seg, y) + 0.5 * mse(rec, x) + loss_fn(seg_s, y) + 0.5 * mse(rec_s, x)
+    total = loss_fn(seg, y) + 0.5 * mse(rec, x) + stylized_weight * (loss_fn(seg_s, y) + 0.5 * mse(rec_s, x))
     total.backward()
 
-    assert float(terms["loss"]) == pytest.approx(float(total), rel=1e-5)
+    terms = {k: float(v.detach()) for k, v in terms.items()}
+    assert terms["loss"] == pytest.approx(float(total.detach()), rel=1e-5)
+    # the reported loss from its own terms: clean + weight * stylized, on this fixed batch
+    clean = terms["seg_loss"] + 0.5 * terms["rec_loss"]
+    stylized = terms["seg_loss_stylized"] + 0.5 * terms["rec_loss_stylized"]
+    assert terms["loss"] == pytest.approx(clean + stylized_weight * stylized, rel=1e-6)
+    assert abs(stylized) > 1e-3  # the weight matters
     for (name, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -358,3 +358,92 @@ def test_constant_channels_are_summarised_in_one_line(caplog):
     assert len(summary) == 1 and summary[0].levelno == logging.INFO
     assert "layer 2 mean 1/4" in summary[0].getMessage() and "layer 3" not in summary[0].getMessage()
     assert not [r for r in caplog.records if "ActNorm init" in r.getMessage() and r.levelno >= logging.WARNING]
+
+
+# ----------------------------------------------------------------------------- temperature and spread statistic
+
+
+def _shifted_identity_bank(statistic, temperatures, offset=16.0):
+    """A bank whose flows are the identity plus ``offset``: a sample is ``offset + T * eps``
+    exactly, so what ``sample`` returns can be computed here from the same normal draws."""
+    bank = StyleFlowBank({k: 4 for k in temperatures}, temperatures=temperatures, statistic=statistic, num_blocks=1)
+    for flows in (bank.mean_flows, bank.spread_flows):
+        for flow in flows.values():
+            for m in flow.modules():
+                if isinstance(m, ActNorm):
+                    m.initialized.fill_(True)
+            with torch.no_grad():  # the first (input) ActNorm, applied last when sampling: x = h - shift
+                flow._transform._transforms[0].shift.fill_(-offset)
+    bank.guard_range = None
+    return bank.eval()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.5])
+def test_identity_flow_samples_have_the_temperature_as_std(temperature):
+    flow = build_style_flow(6).eval()  # fresh: every coupling and ActNorm is the identity
+    x, n_replaced = sample_flow(flow, 20000, temperature, generator=torch.Generator().manual_seed(0))
+    assert n_replaced == 0
+    # the std of a 20000-sample std is T / 200: 3 % is 6 of them
+    torch.testing.assert_close(x.std(0), torch.full((6,), temperature), rtol=0.03, atol=0)
+    assert float(x.mean(0).abs().max()) < 0.05 * temperature
+
+
+@pytest.mark.parametrize("statistic", ["std", "variance"])
+def test_bank_samples_at_each_layers_temperature_and_returns_a_std(statistic):
+    """``sample`` scales the base noise by the layer's own temperature and returns a standard
+    deviation: the square root of a sampled variance, a sampled std as it is."""
+    temps = {2: 0.5, 3: 2.0}
+    bank = _shifted_identity_bank(statistic, temps)
+    for layer, t in temps.items():
+        mean, std = bank.sample(layer, 500, generator=torch.Generator().manual_seed(layer))
+        g = torch.Generator().manual_seed(layer)  # the same draws, in the same order: mean flow, then spread flow
+        eps_mean, eps_spread = torch.randn(500, 4, generator=g), torch.randn(500, 4, generator=g)
+        spread = 16.0 + t * eps_spread
+        assert bool((spread > 1.0).all())  # no clamping at the floor
+        torch.testing.assert_close(mean, 16.0 + t * eps_mean)
+        torch.testing.assert_close(std, spread.sqrt() if statistic == "variance" else spread)
+        assert float((mean - 16.0).std()) == pytest.approx(t, rel=0.1)
+    # an explicit temperature replaces the layer's
+    mean, _ = bank.sample(2, 500, temperature=3.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mean, 16.0 + 3.0 * torch.randn(500, 4, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("statistic", ["std", "variance"])
+def test_bank_fits_the_spread_flow_on_the_statistic_and_keeps_sigma_a_std(statistic):
+    g = torch.Generator().manual_seed(0)
+    var = torch.rand(50, 4, generator=g) * torch.tensor([0.1, 1.0, 4.0, 9.0]) + 0.01
+    stats = {2: {"mean": torch.randn(50, 4, generator=g), "var": var}}
+    bank = StyleFlowBank({2: 4}, temperatures={2: 1.0}, statistic=statistic, num_blocks=1)
+    bank.fit(stats, epochs=0, val_fraction=0.0, log_every=0)  # only the data-dependent ActNorm init
+    spread = var.sqrt() if statistic == "std" else var
+    # the spread flow's input ActNorm standardises the data it was given: std or variance
+    first = bank.spread_flows["2"]._transform._transforms[0]
+    torch.testing.assert_close(first.log_scale.detach(), -torch.log(spread.std(0)), rtol=1e-4, atol=1e-5)
+    obs = bank.observed[2]
+    torch.testing.assert_close(obs["spread"]["low"], spread.amin(0))
+    torch.testing.assert_close(obs["spread"]["high"], spread.amax(0))
+    # "sigma" (the scale MixStyleFlow measures its shift in) is a std whatever the statistic
+    torch.testing.assert_close(obs["sigma"]["std"], var.sqrt().std(0, correction=0))
+    from msf_monai.styles import mixstyleflow_layers
+
+    layer = mixstyleflow_layers(bank, p=1.0, lam=0.0)[2]
+    torch.testing.assert_close(layer.style_scale[1], var.sqrt().std(0, correction=0))
+    # log_prob scores the spread flow on the same statistic
+    with torch.no_grad():
+        direct = bank.mean_flows["2"].log_prob(stats[2]["mean"]) + bank.spread_flows["2"].log_prob(spread)
+    torch.testing.assert_close(bank.log_prob(2, stats[2]["mean"], var), direct)
+
+
+@pytest.mark.parametrize("statistic", ["std", "variance"])
+def test_mixstyleflow_imposes_the_sampled_std_on_the_features(statistic):
+    """End to end: a style layer fed by the bank gives its features the std the bank returns
+    (sampled 16 -> std 4 when the flows model variances, std 16 when they model stds)."""
+    from msf_monai.styles import mixstyleflow_layers
+
+    bank = _shifted_identity_bank(statistic, {2: 1.0})
+    layer = mixstyleflow_layers(bank, temperatures=[1e-6], p=1.0, lam=0.0, pool_size=0)[2].train()
+    x = torch.randn(3, 4, 8, 8) * 0.3 + 1.0
+    out = layer(x)
+    expected = 4.0 if statistic == "variance" else 16.0
+    torch.testing.assert_close(out.std(dim=(2, 3), unbiased=False), torch.full((3, 4), expected), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out.mean(dim=(2, 3)), torch.full((3, 4), 16.0), rtol=1e-3, atol=1e-3)

@@ -111,14 +111,13 @@ def test_method_outputs_are_kept_apart(bundle):
 
 def test_maxstyle_search_makes_the_batch_harder(bundle):
     """MaxStyle's adversarial steps raise the segmentation loss of the stylized batch, and leave
-    the network's weights and batch-norm running statistics untouched."""
+    the network's weights and batch-norm running statistics (and batch counters) untouched."""
     parser = _parser(bundle, "maxstyle")
     trainer = parser.get_parsed_content("train#trainer")
     net, it = trainer.network, parser.get_parsed_content("train#iteration")
     batch = next(iter(trainer.data_loader))
     x, y = batch["image"][:4], batch["label"][:4]
     net.train()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
 
     class _Engine:
         network, loss_function = net, trainer.loss_function
@@ -131,14 +130,54 @@ def test_maxstyle_search_makes_the_batch_harder(bundle):
     for steps in (0, 5):
         torch.manual_seed(3)
         it.steps = steps
-        z = net.encode(x).detach()
-        losses[steps] = loss_of(it.stylize(_Engine, z, x, y))
-    # the encode() calls above updated running statistics; compare weights only
-    after = net.state_dict()
-    for k, v in before.items():
-        if "running" not in k and "num_batches" not in k:
-            torch.testing.assert_close(after[k], v)
+        z = net.encode(x).detach()  # a training forward: it moves the running statistics, before the snapshot
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        assert any("running_mean" in k for k in before) and any("num_batches_tracked" in k for k in before)
+        stylized = it.stylize(_Engine, z, x, y)
+        # the whole state, buffers included: the search ran 1 + steps train-mode passes through
+        # batch norm, none of which may count as training data
+        after = net.state_dict()
+        for k, v in before.items():
+            torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=k)
+        losses[steps] = loss_of(stylized)
+    # (a plain training forward does move them, so the check above can fail)
+    tracked = {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k or "num_batches_tracked" in k}
+    net.encode(x)
+    assert all(not torch.equal(net.state_dict()[k], v) for k, v in tracked.items() if k.startswith(("stem", "down")))
     assert losses[5] > losses[0], losses
+
+
+def test_phase3_settings_reach_the_step_and_init_from_phase1_loads_phase1_weights(bundle, tmp_path):
+    """``stylized_weight`` and ``style_p`` of phase3.json reach the training step and the style
+    layers; ``init_from_phase1`` starts Phase III from the Phase I checkpoint (default: from scratch)."""
+    from msf_monai.networks import DualDecoderNet
+
+    torch.manual_seed(123)
+    phase1 = DualDecoderNet().state_dict()
+    torch.save(phase1, tmp_path / "phase1_model.pt")
+
+    def initialised(init: bool):
+        parser = _parser(bundle, "mixstyleflow")
+        parser.update({"stylized_weight": 0.5, "style_p": 0.3, "init_from_phase1": init,
+                       "phase1_checkpoint": str(tmp_path / "phase1_model.pt")})
+        steps = parser.get("initialize")
+        index = next(i for i, expr in enumerate(steps) if "init_from_phase1" in str(expr))
+        parser.get_parsed_content(f"initialize#{index}")  # the step that loads (or not) the Phase I weights
+        return parser
+
+    parser = initialised(True)
+    iteration = parser.get_parsed_content("train#iteration")
+    assert iteration.stylized_weight == 0.5
+    assert parser.get("train#trainer#network") == "@network"  # the network trained is the one initialised
+    net = parser.get_parsed_content("network")
+    assert [m.p for m in net.image_decoder_styles.values()] == [0.3, 0.3, 0.3]
+    state = net.state_dict()
+    assert set(state) == set(phase1)
+    for k, v in phase1.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+
+    fresh = initialised(False).get_parsed_content("network").state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in phase1.items() if k.endswith("weight"))
 
 
 def test_unknown_style_method_is_a_clear_error(tmp_path):

@@ -1,47 +1,212 @@
-"""multi_gpu_train.json: two CPU processes (torchrun, gloo) train one tiny Phase I epoch; the
-replicas must end identical and exactly one set of checkpoints must be written (rank 0)."""
+"""Multi-process data-parallel training (``msf_monai.distributed``, ``multi_gpu_train.json``) on CPU
+with gloo.
+
+* :class:`GradientSync` and :func:`prepare_network` in two spawned processes, on gradients,
+  parameters and buffers whose per-rank values are known: the gradient must be the *mean* over
+  the ranks (a sum would leave the replicas identical too), the buffers rank 0's, and a
+  difference between the replicas must be detected.
+* ``torchrun`` runs of Phase I and Phase III with the overlay, with :mod:`multi_gpu_probe`
+  recording what each rank was given: the ranks train on disjoint shares of the training slices
+  and validate disjoint shares of the validation cases, the *parameters* (not only the buffers)
+  moved by real optimizer steps, and the replicas end identical.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+from torch import nn
 
-from bundle_utils import copy_bundle
+from bundle_utils import REPO, copy_bundle
 from msf_monai.data import generate_demo_prostate
 
+# --------------------------------------------------------------------------------------------
+# GradientSync on known per-rank values (two gloo processes)
+# --------------------------------------------------------------------------------------------
 
-def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Mixed(nn.Module):
+    """float32 and float64 parameters (two all-reduce groups), one parameter without a gradient,
+    batch-norm buffers (float and long)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(3, 4))
+        self.b = nn.Parameter(torch.randn(5, dtype=torch.float64))
+        self.unused = nn.Parameter(torch.randn(2))
+        self.bn = nn.BatchNorm1d(3)
+
+
+def _sync_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from msf_monai import distributed
+
+    distributed.init_distributed("gloo")
+    out = {}
+    torch.manual_seed(100 + rank)  # every rank starts with other weights ...
+    net = _Mixed()
+    out["own_a"] = net.a.detach().clone()
+    distributed.prepare_network(net)  # ... and gets rank 0's
+    out["prepared_a"] = net.a.detach().clone()
+    out["prepared_b"] = net.b.detach().clone()
+
+    sync = distributed.GradientSync(net, check_in_sync=True)
+    out["diff_in_sync"] = sync.max_difference()
+    # rank r's gradient is (r + 1) * base: the mean over 2 ranks is 1.5 * base, the sum 3 * base
+    net.a.grad = (rank + 1.0) * torch.arange(12, dtype=torch.float32).view(3, 4)
+    net.b.grad = torch.full((5,), rank + 1.0, dtype=torch.float64)
+    net.bn.weight.grad = torch.full((3,), float(rank + 1))
+    net.bn.bias.grad = torch.full((3,), -float(rank + 1))
+    sync.all_reduce_gradients()
+    out.update(grad_a=net.a.grad.clone(), grad_b=net.b.grad.clone(), grad_bn_w=net.bn.weight.grad.clone(),
+               grad_bn_b=net.bn.bias.grad.clone(), grad_unused=net.unused.grad)
+
+    # buffers: every rank had its own batches; rank 0's running statistics are kept
+    with torch.no_grad():
+        net.bn.running_mean.fill_(10.0 * (rank + 1))
+        net.bn.running_var.fill_(rank + 2.0)
+        net.bn.num_batches_tracked.fill_(7 + rank)
+    out["diff_buffers"] = sync.max_difference()
+    sync.broadcast_buffers()
+    out.update(running_mean=net.bn.running_mean.clone(), running_var=net.bn.running_var.clone(),
+               tracked=net.bn.num_batches_tracked.clone(), diff_after=sync.max_difference())
+
+    # a replica that drifted is found and reported at the end of training
+    with torch.no_grad():
+        net.a[0, 0] += 0.5 * rank
+    out["diff_drift"] = sync.max_difference()
+    try:
+        sync.finish(None)
+        out["finish_error"] = ""
+    except RuntimeError as err:
+        out["finish_error"] = str(err)
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.cleanup()
+
+
+def test_gradient_sync_averages_known_per_rank_gradients(tmp_path):
+    # fork, not spawn: the children inherit the imported modules (a spawned child spends seconds
+    # importing MONAI); they run single-threaded, so no OpenMP pool is used across the fork
+    mp.start_processes(_sync_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["own_a"], r1["own_a"])
+    for r in (r0, r1):
+        # prepare_network: rank 0's initial weights everywhere
+        torch.testing.assert_close(r["prepared_a"], r0["own_a"], rtol=0, atol=0)
+        assert r["diff_in_sync"] == 0.0
+        # the mean gradient, in both dtype groups: (1 + 2) / 2 = 1.5
+        torch.testing.assert_close(r["grad_a"], 1.5 * torch.arange(12, dtype=torch.float32).view(3, 4))
+        torch.testing.assert_close(r["grad_b"], torch.full((5,), 1.5, dtype=torch.float64))
+        torch.testing.assert_close(r["grad_bn_w"], torch.full((3,), 1.5))
+        torch.testing.assert_close(r["grad_bn_b"], torch.full((3,), -1.5))
+        assert r["grad_unused"] is None
+        # buffers: rank 0's (running mean 10, var 2, 7 batches), and nothing differs any more
+        assert r["diff_buffers"] > 0
+        torch.testing.assert_close(r["running_mean"], torch.full((3,), 10.0))
+        torch.testing.assert_close(r["running_var"], torch.full((3,), 2.0))
+        assert int(r["tracked"]) == 7
+        assert r["diff_after"] == 0.0
+        # a drifted replica: the difference is measured and training fails loudly
+        assert r["diff_drift"] == pytest.approx(0.5)
+        assert "replicas differ" in r["finish_error"]
+    torch.testing.assert_close(r0["prepared_b"], r1["prepared_b"], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun runs of the bundle with the overlay
+# --------------------------------------------------------------------------------------------
+
+LR = 1e-3
+
+
+def _torchrun(tmp_path, phase: str):
+    """Two CPU processes run ``<phase>.json + multi_gpu_train.json`` for one epoch, with
+    :class:`multi_gpu_probe.RankProbe` on the trainer and the evaluator."""
     data = tmp_path / "data"
     generate_demo_prostate(data, cases_per_site={"SiteA": 10, "SiteB": 1}, sites=["SiteA", "SiteB"], shape=(48, 48, 4))
     bundle = copy_bundle("prostate", tmp_path)
-    states = tmp_path / "rank_states"
-    configs = "['bundles/prostate/configs/phase1.json','bundles/prostate/configs/multi_gpu_train.json']"
+    if phase == "phase3":  # MixStyleFlow needs Phase II's flows: a bank fitted briefly on random statistics
+        from msf_monai.flows import StyleFlowBank
+        from msf_monai.networks import image_decoder_channels
+
+        rng = np.random.default_rng(0)
+        bank = StyleFlowBank({k: image_decoder_channels()[k] for k in (2, 3, 4)})
+        bank.fit({k: {"mean": rng.normal(size=(40, c)), "var": rng.uniform(0.5, 2.0, size=(40, c))}
+                  for k, c in bank.layer_channels.items()}, epochs=1, lr=1e-3, log_every=0)
+        (bundle / "models").mkdir()
+        bank.save(bundle / "models" / "style_flows.pt")
+    probe_dir, states = tmp_path / "probe", tmp_path / "rank_states"
+    probe = {
+        "probe_dir": str(probe_dir),
+        "+train#extra_handlers": [{"_target_": "multi_gpu_probe.RankProbe", "network": "@network", "save_dir": "@probe_dir", "tag": "train"}],
+        "+validate#handlers": [{"_target_": "multi_gpu_probe.RankProbe", "network": "@network", "save_dir": "@probe_dir", "tag": "validate"}],
+    }
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    configs = f"['bundles/prostate/configs/{phase}.json','bundles/prostate/configs/multi_gpu_train.json','probe.json']"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", "--config_file", configs,
            "--dataset_dir", str(data), "--source_site", "SiteA", "--image_size", "32", "--batch_size", "4",
-           "--epochs", "1", "--val_interval", "1", "--rank_state_dir", str(states)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+           "--epochs", "1", "--val_interval", "1", "--lr", str(LR), "--rank_state_dir", str(states)]
+    path = os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:]
-    out = proc.stdout
+    return proc.stdout, bundle, probe_dir, states
+
+
+def _check_data_parallel_run(out, probe_dir, states):
     assert "rank 1 of 2, backend gloo" in out and "rank 0 of 2, backend gloo" in out
     assert "2 replicas in sync" in out
-    assert "val_mean_dice" in out
-    # both ranks trained and ended with the same weights (parameters and BatchNorm statistics)
+
+    # each rank trained on its own share of the slices (DistributedSampler): no slice on both
+    # ranks, except the at most one that the sampler repeats to make the shares even
+    train = [[tuple(x) for x in json.loads((probe_dir / f"train_rank{r}.json").read_text())] for r in (0, 1)]
+    assert train[0] and train[1] and len(train[0]) == len(train[1])
+    assert len(set(train[0])) == len(train[0]) and len(set(train[1])) == len(train[1])
+    assert len(set(train[0]) & set(train[1])) <= 1, sorted(set(train[0]) & set(train[1]))
+    # ... and validated its own share of the validation cases (no padding: none twice)
+    val = [[c for c, _ in json.loads((probe_dir / f"validate_rank{r}.json").read_text())] for r in (0, 1)]
+    assert val[0] and val[1] and not set(val[0]) & set(val[1]), val
+    assert not {c for c, _ in train[0] + train[1]} & set(val[0] + val[1]), "a validation case was trained on"
+
+    # both ranks ended with the same weights (parameters and batch-norm statistics) ...
     s0 = torch.load(states / "rank0.pt", weights_only=True)
     s1 = torch.load(states / "rank1.pt", weights_only=True)
     assert s0.keys() == s1.keys()
     for key in s0:
         torch.testing.assert_close(s0[key], s1[key], rtol=0, atol=0, msg=key)
-    # ... and not the initial weights: the step was taken
-    from msf_monai.networks import DualDecoderNet
+    # ... started from the same weights, and the *parameters* moved by optimizer steps: AdamW
+    # moves an entry with a gradient by about lr per step, its weight decay alone by lr * 0.01 * |w|
+    # (num_batches_tracked changes without any step, so buffers prove nothing)
+    init = [torch.load(probe_dir / f"train_initial_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert init[0].keys() == init[1].keys() and set(init[0]) < set(s0)
+    for key in init[0]:
+        torch.testing.assert_close(init[0][key], init[1][key], rtol=0, atol=0, msg=key)
+    delta = torch.cat([(s0[k] - v).abs().flatten() for k, v in init[0].items()])
+    decay_only = torch.cat([(LR * 0.01 * v.abs()).flatten() for v in init[0].values()])
+    assert float((delta > 0.3 * LR).float().mean()) > 0.5, float((delta > 0.3 * LR).float().mean())
+    assert float((delta > 2 * decay_only + 1e-7).float().mean()) > 0.5
 
-    torch.manual_seed(0)
-    assert any(not torch.equal(s0[k], v) for k, v in DualDecoderNet().state_dict().items() if k in s0)
+
+def test_torchrun_phase1_two_cpu_processes_train_disjoint_shares_in_sync(tmp_path):
+    out, bundle, probe_dir, states = _torchrun(tmp_path, "phase1")
+    _check_data_parallel_run(out, probe_dir, states)
+    assert "val_mean_dice" in out
     # rank 0 alone wrote the checkpoints (the best on validation and the final one) and logged
     models = {p.name for p in (bundle / "models").iterdir()}
     assert {"phase1_model.pt", "phase1_model_final.pt"} <= models, models
@@ -52,3 +217,12 @@ def test_torchrun_two_cpu_processes_keep_identical_weights(tmp_path):
     assert out.count("train_loss:") == 1 and out.count("Epoch[1] Metrics") == 1
     # both ranks validated (on their share of the split) and agree on the all-gathered metric
     assert out.count("SupervisedEvaluator - INFO - Engine run finished") == 2
+
+
+def test_torchrun_phase3_mixstyleflow_two_cpu_processes_stay_in_sync(tmp_path):
+    """Phase III's two backward passes per step (clean, then stylized) are averaged once, after
+    both; the stylized pass runs on every rank's own share."""
+    out, bundle, probe_dir, states = _torchrun(tmp_path, "phase3")
+    _check_data_parallel_run(out, probe_dir, states)
+    assert (bundle / "models" / "model.pt").is_file()
+    assert out.count("saved final checkpoint") == 1

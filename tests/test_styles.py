@@ -172,6 +172,27 @@ def test_mixstyleflow_probability_gate_is_seeded():
     assert 5 < sum(first) < 35  # applied roughly half of the time
 
 
+@pytest.mark.parametrize("p", [0.3, 0.9])
+@pytest.mark.parametrize("name", sorted(STYLE_LAYERS))
+def test_probability_gate_acts_with_probability_p(name, p):
+    """Over 4000 training calls a layer acts on a fraction p of them, within 5 standard errors
+    (0.036 for p = 0.3, 0.024 for p = 0.9): an inverted gate (1 - p), a squared one (p^2) or a
+    fixed rate falls outside."""
+    kwargs = {"style_sampler": TableSampler(*make_table(8, 3))} if name == "mixstyleflow" else {}
+    layer = build_style_layer(name, p=p, **kwargs).train()
+    calls = []
+    layer.stylize = lambda x: calls.append(1) or x  # count the active calls, skip the work
+    x = torch.zeros(2, 3, 4, 4)
+    torch.manual_seed(0)
+    n = 4000
+    for _ in range(n):
+        if hasattr(layer, "reset"):  # MaxStyle draws whether it acts once per reset (per training step)
+            layer.reset()
+        layer(x)
+    bound = 5 * (p * (1 - p) / n) ** 0.5
+    assert abs(len(calls) / n - p) < bound, (len(calls) / n, p)
+
+
 def test_mixstyleflow_gradients_flow():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 4, 3, padding=1)
