@@ -156,9 +156,11 @@ def _evaluate_with_the_bundle_config(task, cases, tmp_path, **overrides):
 
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / task / "configs" / "evaluate.json"))
-    parser.update({"bundle_root": str(tmp_path), "output_dir": str(tmp_path), "eval_name": "m", **overrides})
     handlers = parser.get("handlers")
     writer_index = next(i for i, h in enumerate(handlers) if str(h.get("_target_", "")).endswith("PerCaseDiceWriter"))
+    # no checkpoint here, so no training split to record (it comes from the checkpoint's training run)
+    parser.update({"bundle_root": str(tmp_path), "output_dir": str(tmp_path), "eval_name": "m",
+                   f"handlers#{writer_index}#split": None, **overrides})
     data = [{"image": 20.0 * pred - 10.0, "label": label, "site": site, "case": case} for case, site, pred, label in cases]
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"), val_data_loader=DataLoader(data, batch_size=1), network=torch.nn.Identity(),
