@@ -146,13 +146,19 @@ def test_overwrite_never_deletes_files_that_inference_did_not_write(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # item 8: 4-D images
 # ---------------------------------------------------------------------------------------------
-def test_4d_image_outside_the_decathlon_layout_is_a_data_problem_in_training(tmp_path):
-    data = tmp_path / "data"
+def _data_with_a_4d_image(data):
+    """Two 3-D cases and ``multi.nii.gz``, a 2-channel 4-D image (plain images/ + labels/ layout)."""
     for i in range(2):
         _nifti(data / "images" / f"case{i}.nii.gz", seed=i)
         _nifti(data / "labels" / f"case{i}.nii.gz", label=True)
     four_d = _nifti(data / "images" / "multi.nii.gz", shape=(32, 32, 4, 2))
     _nifti(data / "labels" / "multi.nii.gz", label=True)
+    return four_d
+
+
+def test_4d_image_outside_the_decathlon_layout_is_a_data_problem_in_training(tmp_path):
+    data = tmp_path / "data"
+    four_d = _data_with_a_4d_image(data)
     nan = np.asarray(nib.load(data / "images" / "case1.nii.gz").dataobj).copy()
     nan[0, 0, 0] = np.nan
     nib.save(nib.Nifti1Image(nan, np.diag([0.6, 0.6, 3.0, 1.0])), str(data / "images" / "case1.nii.gz"))
@@ -173,11 +179,7 @@ def test_4d_image_outside_the_decathlon_layout_is_a_data_problem_in_training(tmp
 def test_4d_image_gets_the_same_answer_from_training_and_inference(tmp_path):
     bundle = _trained_bundle(tmp_path)
     data = tmp_path / "data"
-    for i in range(2):
-        _nifti(data / "images" / f"case{i}.nii.gz", seed=i)
-        _nifti(data / "labels" / f"case{i}.nii.gz", label=True)
-    four_d = _nifti(data / "images" / "multi.nii.gz", shape=(32, 32, 4, 2))
-    _nifti(data / "labels" / "multi.nii.gz", label=True)
+    four_d = _data_with_a_4d_image(data)
     proc = run_bundle(tmp_path, "phase1", "--dataset_dir", str(data), *SIZE, "--epochs", "1")
     _assert_clean_failure(proc, four_d, "(32, 32, 4, 2)")
     proc = run_bundle(tmp_path, "inference", "--input_dir", str(data / "images"), *SIZE)
