@@ -86,7 +86,7 @@ def _boolean():
 
         try:
             as_bool(v, "")
-        except (SystemExit, ValueError):
+        except ValueError:
             return False
         return True
 
@@ -280,6 +280,12 @@ def _overrides_from_argv(argv: Sequence[str]) -> list[str]:
     return [k.replace("::", "#") for k in keys]
 
 
+def unknown_text(unknown: dict[str, list[str]]) -> str:
+    """``--epoch (did you mean --epochs?)``, one per unknown key, comma separated."""
+    return ", ".join(f"--{k}" + (f" (did you mean {' or '.join('--' + m for m in near)}?)" if near else "")
+                     for k, near in unknown.items())
+
+
 def unknown_overrides(keys: Sequence[str], ids: set[str]) -> dict[str, list[str]]:
     """``{key: nearest known ids}`` for the override keys that name no id of the config. A new
     key under a component (a dict with ``_target_``) is a keyword argument, and allowed."""
@@ -315,8 +321,7 @@ def arguments_for(config_file: str | os.PathLike, args: Sequence[str], all_confi
     every = set().union(*(config_ids(f) for f in [config_file, *all_config_files]))
     unknown = unknown_overrides(keys, every)
     if unknown:
-        raise ConfigValueError("unknown setting(s): " + ", ".join(
-            f"--{k}" + (f" (did you mean {' or '.join('--' + m for m in near)}?)" if near else "") for k, near in unknown.items()))
+        raise ConfigValueError("unknown setting(s): " + unknown_text(unknown))
     mine = unknown_overrides(keys, config_ids(config_file))
     return [token for key, tokens in pairs if key not in mine for token in tokens]
 
@@ -333,10 +338,8 @@ def check_overrides(argv: Sequence[str] | None = None) -> bool:
         return True
     unknown = unknown_overrides(_overrides_from_argv(argv[1:]), config_ids(files))
     if unknown:
-        lines = [f"--{k}: no such setting" + (f"; did you mean {' or '.join('--' + m for m in near)}?" if near else "")
-                 for k, near in unknown.items()]
         names = ", ".join(Path(f).name for f in files)
-        raise ConfigValueError(f"unknown setting(s) for {names}, nothing was run:\n  " + "\n  ".join(lines)
+        raise ConfigValueError(f"unknown setting(s) for {names}, nothing was run: " + unknown_text(unknown)
                                + "\nThe settings each config takes are listed in the bundle's docs/README.md.")
     return True
 

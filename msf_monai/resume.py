@@ -85,8 +85,7 @@ class PhaseFinishedError(SystemExit):
 
     def __init__(self, message: str):
         self.message = message
-        logger.info(message)
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=sys.stderr, flush=True)  # exit status 0 prints nothing itself
         super().__init__(0)
 
     def __str__(self) -> str:
@@ -98,9 +97,12 @@ class InterruptedRun(SystemExit):
     how to go on, exit status 130 (the shell's code for SIGINT), no traceback."""
 
     def __init__(self, message: str):
-        logger.warning(message)
-        print(message, file=sys.stderr, flush=True)
+        self.message = message
+        print(message, file=sys.stderr, flush=True)  # an int exit status prints nothing itself
         super().__init__(130)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def exit_on_interrupt(engine: Engine, error: BaseException, message: str) -> None:

@@ -82,14 +82,13 @@ def known_to(root: Path, config: str, overrides: Mapping[str, object]) -> dict:
 def check_known(root: Path, configs: Sequence[str], overrides: Mapping[str, object]) -> None:
     """Stop, before any work, on a setting that none of ``configs`` has (a typo such as
     ``--epoch``), with the nearest known ids."""
-    from msf_monai.bundle import config_ids, unknown_overrides
+    from msf_monai.bundle import config_ids, unknown_overrides, unknown_text
 
     ids = set().union(*(config_ids(root / "configs" / f"{c}.json") for c in configs))
     unknown = unknown_overrides(list(overrides), ids)
     if unknown:
-        raise SystemExit("unknown setting(s), nothing was run:\n  " + "\n  ".join(
-            f"--{k}" + (f" (did you mean {' or '.join('--' + m for m in near)}?)" if near else "") for k, near in unknown.items())
-            + f"\n(settings of {', '.join(c + '.json' for c in configs)} in {root / 'configs'})")
+        raise SystemExit(f"unknown setting(s), nothing was run: {unknown_text(unknown)}\n"
+                         f"(settings of {', '.join(c + '.json' for c in configs)} in {root / 'configs'})")
 
 
 def config_value(root: Path, config: str, key: str, overrides: Mapping[str, object]):

@@ -60,7 +60,7 @@ def test_unknown_setting_stops_the_run_with_the_nearest_ids(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     proc = run_bundle(tmp_path, "phase1", "--epoch", "1", "--image_size", "32", timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:]
-    assert "--epoch: no such setting; did you mean --epochs?" in proc.stdout and "Traceback" not in proc.stdout
+    assert "--epoch (did you mean --epochs?)" in proc.stdout and "Traceback" not in proc.stdout
     assert not (bundle / "demo_data").exists()
 
 

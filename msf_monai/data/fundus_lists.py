@@ -311,13 +311,16 @@ def _looks_like_palette(mask_dir: Path) -> bool:
     from PIL import Image
 
     masks = _files(mask_dir)
-    votes = 0
-    for p in masks:
+    votes = against = 0
+    for p in masks:  # stop reading once the majority is decided
         try:
             with Image.open(p) as im:
-                votes += im.mode in ("P", "PA") or int(np.asarray(im).max(initial=0)) <= 2
+                palette = im.mode in ("P", "PA") or int(np.asarray(im).max(initial=0)) <= 2
         except Exception:  # noqa: BLE001 - unreadable masks are reported by the lister
-            continue
+            palette = False
+        votes, against = votes + palette, against + (not palette)
+        if votes * 2 > len(masks) or against * 2 >= len(masks):
+            break
     return bool(masks) and votes * 2 > len(masks)
 
 
