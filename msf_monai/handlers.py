@@ -164,9 +164,10 @@ class StyleFlowFitter:
             (paper: 100 epochs, AdamW lr 1e-4, batch 20, gradient-norm clip 5).
         metadata: extra entries stored in the checkpoint (e.g. the Phase I checkpoint used).
         resume_path: the fit's resume file (``None``: not resumable). Written atomically every
-            ``checkpoint_every`` flow epochs and when a flow finishes; a rerun after a crash
-            keeps the finished flows and continues the interrupted one from its last state,
-            with the same result as an uninterrupted fit.
+            ``checkpoint_every`` flow epochs and when the fit ends; a rerun after a crash
+            continues the fit from its last state, with the same result as an uninterrupted
+            fit (a state saved by a version that fitted the flows one after another is
+            continued that way).
         resume: use ``resume_path`` when it exists (``False``: fit from scratch).
         settings: plain values stored with the resume state; a state saved with other
             settings or other statistics is not resumed (the fit starts anew, with a warning).
@@ -242,10 +243,15 @@ class StyleFlowFitter:
                            self.resume_path, "; ".join(diff))
             return None
         flows = saved.get("flows", {})
+        if "joint" in flows:
+            joint = flows["joint"]
+            logger.info("Resuming the flow fit from %s: %s", self.resume_path,
+                        "it had finished" if joint.get("finished") else f"all flows after epoch {int(joint['epoch'])}")
+            return flows
         done = sorted(k for k, v in flows.items() if v.get("finished"))
         running = {k: int(v["epoch"]) for k, v in flows.items() if not v.get("finished")}
-        logger.info("Resuming the flow fit from %s: finished flows %s%s", self.resume_path, done or "none",
-                    "".join(f", {k} from epoch {e}" for k, e in running.items()))
+        logger.info("Resuming the flow fit from %s (one flow after another, as it was saved): finished flows %s%s",
+                    self.resume_path, done or "none", "".join(f", {k} from epoch {e}" for k, e in running.items()))
         return flows
 
     def _save_state(self, flows: dict, digest: str, finished: bool = False) -> None:

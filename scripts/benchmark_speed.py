@@ -9,7 +9,8 @@ For each image size (default: the prostate demo's 96 px and the paper's 384 px, 
 * one step per other style method (encoder-level layers after encoder stages 1-3, RandConv on
   the input batch), p = 1;
 * ``inference``: segmentation-only forward passes, slices per second;
-* ``phase2``: statistics extraction (one pass, all style layers) and flow fitting, per 1,000 slices;
+* ``phase2``: statistics extraction (one pass, all style layers) and flow fitting, per 1,000 slices
+  (the six flows fitted jointly, as Phase II does, and one after another, as before 0.4.0);
 * peak memory per image size (CUDA: allocated; CPU: the process's peak resident size so far).
 
 The training steps of all configurations are timed in rounds (one step of each per round), so
@@ -142,7 +143,7 @@ def _peak_memory_mb(device: torch.device) -> float:
     return peak_kb / 1024 if sys.platform != "darwin" else peak_kb / 2**20
 
 
-def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices, flow_epochs, methods, amp) -> dict:
+def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices, flow_epochs, methods, amp, flow_fit_rounds=3) -> dict:
     clock = Clock(device)
     batches = _batches(2, batch, size, channels)
     results: dict[str, dict] = {}
@@ -213,19 +214,36 @@ def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices
     t0 = time.perf_counter()
     evaluator.run()
     extract_s = time.perf_counter() - t0
-    fit_bank = StyleFlowBank({k: net.image_decoder_channels[k] for k in (2, 3, 4)}).to(device)
-    t0 = time.perf_counter()
-    fit_bank.fit(recorder.stats, epochs=flow_epochs, lr=1e-4, batch_size=20, log_every=0)
-    fit_s = time.perf_counter() - t0
+    channels_of = {k: net.image_decoder_channels[k] for k in (2, 3, 4)}
+
+    def fit_seconds(joint: bool, epochs: int) -> float:
+        bank = StyleFlowBank(channels_of).to(device)
+        t0 = time.perf_counter()
+        bank.fit(recorder.stats, epochs=epochs, lr=1e-4, batch_size=20, log_every=0, joint=joint)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    # the six flows fitted jointly (the default) and one after another (before 0.4.0), in
+    # alternating rounds after a short warm-up of each, so drift affects both alike
+    fit_seconds(True, 2), fit_seconds(False, 2)
+    joint_s, sequential_s = [], []
+    for _ in range(max(1, int(flow_fit_rounds))):
+        joint_s.append(fit_seconds(True, flow_epochs))
+        sequential_s.append(fit_seconds(False, flow_epochs))
+    fit_s, seq_s = statistics.median(joint_s), statistics.median(sequential_s)
     results["peak_memory_mb"] = _peak_memory_mb(device)
     scale = 1000.0 / (n_batches * batch)
     results["phase2"] = {
         "slices": n_batches * batch,
         "extract_s_per_1000_slices": extract_s * scale,
         "flow_fit_s_per_1000_slices": fit_s * scale,
+        "flow_fit_sequential_s_per_1000_slices": seq_s * scale,
+        "flow_fit_rounds": [{"joint_s": j, "sequential_s": q} for j, q in zip(joint_s, sequential_s)],
         "flow_epochs": flow_epochs,
     }
-    print(f"  phase2 per 1000 slices: extraction {extract_s * scale:.1f} s, flow fit ({flow_epochs} epochs) {fit_s * scale:.1f} s", flush=True)
+    print(f"  phase2 per 1000 slices: extraction {extract_s * scale:.1f} s, flow fit ({flow_epochs} epochs) {fit_s * scale:.1f} s "
+          f"(six flows jointly; one after another: {seq_s * scale:.1f} s, {seq_s / fit_s:.1f} x)", flush=True)
     return results
 
 
@@ -238,8 +256,9 @@ def table(all_results: dict) -> str:
                 lines.append(f"| {size} | peak memory of the whole measurement | {r:.0f} MB | |")
                 continue
             if name == "phase2":
-                lines.append(f"| {size} | Phase II statistics extraction per 1,000 slices | {r['extract_s_per_1000_slices']:.1f} s | | |")
-                lines.append(f"| {size} | Phase II flow fitting per 1,000 slices ({r['flow_epochs']} epochs) | {r['flow_fit_s_per_1000_slices']:.1f} s | | |")
+                lines.append(f"| {size} | Phase II statistics extraction per 1,000 slices | {r['extract_s_per_1000_slices']:.1f} s | |")
+                lines.append(f"| {size} | Phase II flow fitting per 1,000 slices ({r['flow_epochs']} epochs, six flows jointly) | {r['flow_fit_s_per_1000_slices']:.1f} s | |")
+                lines.append(f"| {size} | ... the same flows fitted one after another (before 0.4.0) | {r['flow_fit_sequential_s_per_1000_slices']:.1f} s | |")
                 continue
             extra = f" ({r['slices_per_s']:.0f} slices/s)" if "slices_per_s" in r else ""
             lines.append(f"| {size} | {name}{extra} | {r['median_s'] * 1000:.1f} ms | {r['median_s'] / base:.3f} |")
@@ -254,6 +273,7 @@ def main(
     repeats: int = 5,
     phase2_slices: int = 200,
     flow_epochs: int = 100,
+    flow_fit_rounds: int = 3,
     methods=("mixstyle", "dsu", "trid", "efdm", "randconv"),
     device: str | None = None,
     amp: bool | None = None,
@@ -268,6 +288,8 @@ def main(
         warmup, repeats: steps discarded, then timed (the median is reported).
         phase2_slices: slices for the Phase II measurement (scaled to 1,000).
         flow_epochs: flow-fitting epochs in the Phase II measurement (paper: 100).
+        flow_fit_rounds: rounds of the Phase II fit, each fitting the six flows jointly (the
+            default) and one after another; the medians are reported.
         methods: other style methods to time (names of ``msf_monai.styles.STYLE_LAYERS``).
         device: torch device (default: CUDA if available).
         amp: also time AMP steps (default: on CUDA only).
@@ -291,7 +313,7 @@ def main(
     all_results = {}
     for size in sizes:
         print(f"size {size}x{size}:", flush=True)
-        all_results[f"{size}x{size}"] = benchmark_size(int(size), batch_size, channels, dev, warmup, repeats, phase2_slices, flow_epochs, list(methods), amp)
+        all_results[f"{size}x{size}"] = benchmark_size(int(size), batch_size, channels, dev, warmup, repeats, phase2_slices, flow_epochs, list(methods), amp, flow_fit_rounds)
     text = table(all_results)
     print(text)
     for size, res in all_results.items():
