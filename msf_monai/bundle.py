@@ -80,6 +80,11 @@ def _choice(*values: str):
     return (lambda v: v in values), "one of " + ", ".join(repr(v) for v in values)
 
 
+def _or_auto(check):
+    ok, text = check
+    return (lambda v: (isinstance(v, str) and v.strip().lower() == "auto") or ok(v)), text + " (or auto)"
+
+
 def _boolean():
     def ok(v) -> bool:
         from .cli import as_bool
@@ -104,7 +109,7 @@ SETTING_RULES = {
     "batch_size": _whole(1),
     "val_interval": _whole(1),
     "checkpoint_interval": _whole(1),
-    "num_workers": _whole(0),
+    "num_workers": _or_auto(_whole(0)),
     "seed": _whole(0),
     "lr": _number(0, low_open=True),
     "val_fraction": _number(0, 1, low_open=True, high_open=True),
@@ -126,7 +131,7 @@ SETTING_RULES = {
     "flow_val_fraction": _number(0, 1, low_open=True, high_open=True),
     "grad_clip": _number(0, low_open=True),
     "style_shift_quantile": _number(0, 1),
-    "amp": _boolean(),
+    "amp": _or_auto(_boolean()),
     "resume": _boolean(),
     "deterministic": _boolean(),
     "init_from_phase1": _boolean(),

@@ -848,7 +848,8 @@ class StyleFlowBank(nn.Module):
         temperature: float | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ``n`` styles of ``layer``: ``(mean [n, C], std [n, C])`` on the bank's device.
+        """Sample ``n`` styles of ``layer``: ``(mean [n, C], std [n, C])`` on the bank's device,
+        in float32 (also under ``torch.autocast``).
 
         ``temperature=None`` uses the layer's configured temperature. The returned spread is
         always a standard deviation: ``sqrt(clamp(var, 1e-8))`` for ``statistic="variance"``,
@@ -871,10 +872,12 @@ class StyleFlowBank(nn.Module):
                 "StyleFlowBank.sample: this bank has no observed statistics range (fitted by an older "
                 "version); only the absolute guard |x| <= 1e4 applies. Run Phase II again for the relative guard."
             )
-        mean, n_mean = sample_flow(self.mean_flows[str(key)], n, t, generator=generator, bounds=self.sampling_bounds(key, "mean"))
-        spread, n_spread = sample_flow(
-            self.spread_flows[str(key)], n, t, generator=generator, bounds=self.sampling_bounds(key, "spread")
-        )
+        device_type = _flow_param(self.mean_flows[str(key)]).device.type
+        with torch.autocast(device_type, enabled=False):  # styles in float32 inside an AMP step too
+            mean, n_mean = sample_flow(self.mean_flows[str(key)], n, t, generator=generator, bounds=self.sampling_bounds(key, "mean"))
+            spread, n_spread = sample_flow(
+                self.spread_flows[str(key)], n, t, generator=generator, bounds=self.sampling_bounds(key, "spread")
+            )
         if self.statistic == "variance":
             floor = 1e-8
             n_clamped = int((spread < floor).sum())
