@@ -9,7 +9,9 @@
   :class:`MixStyleFlowIteration` (Phase III: styles sampled from the fitted flows, no gradient)
   and :class:`MaxStyleIteration` (MaxStyle: style parameters optimised adversarially).
 
-They follow ``SupervisedTrainer._iteration``: they honour ``engine.amp``, fill
+They follow ``SupervisedTrainer._iteration``: they honour ``engine.amp`` and ``engine.compile``
+(the network MONAI compiled; MetaTensors become plain tensors first), refuse
+``accumulation_steps`` > 1 and an inferer other than ``SimpleInferer``, fill
 ``engine.state.output`` (``image``, ``label``, ``pred``, ``loss`` and one entry per loss term)
 and fire the iteration events, ``MODEL_COMPLETED`` included, so MONAI's decollation,
 post-processing and metrics run.
@@ -165,11 +167,28 @@ class DualDecoderIteration:
             engine.state.perturbation = shifts
         return {"seg_loss": seg_loss, "rec_loss": rec_loss, Keys.LOSS: loss}
 
+    @staticmethod
+    def check_trainer(engine) -> None:
+        """Refuse trainer settings these steps do not implement, instead of ignoring them."""
+        from monai.inferers import SimpleInferer
+
+        if int(getattr(engine, "accumulation_steps", 1) or 1) != 1:
+            raise ValueError(f"{type(engine).__name__}: the dual-decoder training steps do not accumulate gradients "
+                             f"(accumulation_steps={engine.accumulation_steps}); use accumulation_steps 1 and a smaller batch")
+        inferer = getattr(engine, "inferer", None)
+        if inferer is not None and type(inferer) is not SimpleInferer:
+            raise ValueError(f"the dual-decoder training steps call the network directly; a trainer inferer "
+                             f"({type(inferer).__name__}) would be ignored, so it is refused")
+
     def __call__(self, engine, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        if engine.state.iteration <= 1:
+            self.check_trainer(engine)
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets = batch[0], batch[1]
+        if getattr(engine, "compile", False):  # as SupervisedTrainer: torch.compile takes plain tensors
+            inputs, targets = (t.as_tensor() if hasattr(t, "as_tensor") else t for t in (inputs, targets))
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
@@ -304,7 +323,7 @@ class StylizedBatchIteration(DualDecoderIteration):
 
 
 class MixStyleFlowIteration(StylizedBatchIteration):
-    """Phase III step (MixStyleFlow, DESIGN section 1): the stylized image is the image decoder's
+    """Phase III step (MixStyleFlow): the stylized image is the image decoder's
     output on the detached latent code with its MixStyleFlow layers active (styles sampled from
     the fitted flows, normally after layers 2, 3, 4), computed without gradient."""
 

@@ -35,6 +35,7 @@ import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.losses import DiceCELoss
 
+from msf_monai import accelerator
 from msf_monai.cli import as_bool
 from msf_monai.engines import DualDecoderIteration, MixStyleFlowIteration
 from msf_monai.flows import StyleFlowBank
@@ -102,7 +103,8 @@ def _trainer(net, iteration, device, amp=False, prepare_batch=None):
     trainer = SupervisedTrainer(
         device=device, max_epochs=1, train_data_loader=[], network=net,
         optimizer=torch.optim.AdamW(net.parameters(), 1e-4), loss_function=DiceCELoss(sigmoid=True),
-        iteration_update=iteration, amp=amp, decollate=False, **kwargs,
+        iteration_update=iteration, amp=amp, amp_kwargs=accelerator.amp_kwargs(device) if amp else None,
+        decollate=False, **kwargs,
     )
     return functools.partial(iteration, trainer)
 

@@ -100,3 +100,28 @@ def test_phase3_step_with_the_resolved_amp_settings(device):
     out = trainer.state.output[0]
     assert all(torch.isfinite(torch.as_tensor(out[k])).all() for k in ("loss", "seg_loss_stylized", "rec_loss_stylized"))
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_training_steps_refuse_what_they_do_not_implement_and_run_compiled():
+    from monai.data import MetaTensor
+    from monai.inferers import SlidingWindowInferer
+
+    from msf_monai.engines import DualDecoderIteration
+
+    def trainer(**kw):
+        net = DualDecoderNet()
+        return SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
+                                 optimizer=torch.optim.AdamW(net.parameters(), 1e-3), loss_function=DiceCELoss(sigmoid=True),
+                                 iteration_update=DualDecoderIteration(), **kw)
+
+    loader = [{"image": MetaTensor(b["image"]), "label": MetaTensor(b["label"])} for b in tiny_loader(n_batches=1)]
+    with pytest.raises(ValueError, match="accumulation_steps=2"):
+        trainer(accumulation_steps=2).run()
+    with pytest.raises(ValueError, match="SlidingWindowInferer"):
+        trainer(inferer=SlidingWindowInferer(roi_size=(16, 16))).run()
+    # MONAI compiles the network; the step hands it plain tensors (the "eager" backend checks the
+    # plumbing without a C++ compiler)
+    compiled = trainer(compile=True, compile_kwargs={"backend": "eager"})
+    assert type(compiled.network).__name__ == "OptimizedModule"
+    compiled.run()
+    assert torch.isfinite(torch.as_tensor(compiled.state.output[0]["loss"]))

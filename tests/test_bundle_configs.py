@@ -45,3 +45,30 @@ def test_metadata_is_valid_against_the_model_zoo_schema():
         pytest.skip("needs ../shared/schemas")
     for meta in sorted((REPO / "bundles").glob("*/configs/metadata.json")):
         verify_metadata(meta_file=str(meta), filepath=str(schema))  # raises on an invalid file
+
+
+def test_prostate_bias_field_augmentation_is_an_option_off_by_default():
+    import torch
+    from monai.bundle import ConfigParser
+
+    def augment(**overrides):
+        parser = ConfigParser()
+        parser.read_config("bundles/prostate/configs/phase1.json")
+        parser.update(overrides)
+        torch.manual_seed(0)
+        aug = parser.get_parsed_content("augmentation")
+        for t in aug.transforms:  # the spatial transforms off: only the intensity change is left
+            if hasattr(t, "prob") and type(t).__name__ != "RandBiasFieldd":
+                t.prob = 0.0
+        label = torch.zeros(1, 96, 96)
+        label[:, 30:60, 30:60] = 1
+        image = torch.rand(1, 96, 96) + 0.5
+        out = aug({"image": image.clone(), "label": label.clone()})
+        return image, label, out
+
+    image, label, out = augment()
+    assert torch.equal(out["image"], image)  # default 0: no bias field
+    image, label, out = augment(bias_field_prob=1.0, bias_field_coeff=0.1)
+    ratio = out["image"] / image
+    assert torch.equal(out["label"], label) and float(ratio.std()) > 0.01  # a smooth multiplicative field
+    assert float((ratio[:, :, 1:] - ratio[:, :, :-1]).abs().max()) < 0.1
