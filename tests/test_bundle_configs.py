@@ -72,3 +72,19 @@ def test_prostate_bias_field_augmentation_is_an_option_off_by_default():
     ratio = out["image"] / image
     assert torch.equal(out["label"], label) and float(ratio.std()) > 0.01  # a smooth multiplicative field
     assert float((ratio[:, :, 1:] - ratio[:, :, :-1]).abs().max()) < 0.1
+
+
+def test_every_module_the_configs_name_is_imported_with_the_package():
+    """Configs import only ``msf_monai``; a ``msf_monai.<module>.`` they name must be an
+    attribute of the package in a fresh interpreter (not only after a test imported it)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    named = set()
+    for config in Path("bundles").glob("*/configs/*.json"):
+        named |= set(re.findall(r"msf_monai\.([a-z_]+)\.", config.read_text()))
+    code = "import sys, msf_monai; print(' '.join(m for m in sys.argv[1:] if not hasattr(msf_monai, m)))"
+    missing = subprocess.run([sys.executable, "-c", code, *sorted(named)], capture_output=True, text=True, check=True).stdout.split()
+    assert named and missing == []
