@@ -278,7 +278,7 @@ def fit_flows_jointly(
     ``checkpoint_every`` epochs and when the fit ends, ``"finished": True``) can be passed back
     as ``resume_state`` to continue with the same result as an uninterrupted fit.
     """
-    from msf_monai.flows import _cpu_copy, _initialise_actnorms
+    from msf_monai.flows import detached_cpu_copy, initialise_actnorms
 
     log = logger or _LOGGER
     groups = len(flows)
@@ -291,7 +291,7 @@ def fit_flows_jointly(
     if resume_state is None:
         for flow, x, gen in zip(flows, data, gens):
             init_idx = torch.randperm(n, generator=gen)[: max(2, min(n, int(init_samples)))]
-            _initialise_actnorms(flow, x[init_idx.to(x.device)], log)
+            initialise_actnorms(flow, x[init_idx.to(x.device)], log)
     stack = FlowStack(flows)
     device = stack.feature_mask.device
     x_all = stack.pad_rows([x.to(device) for x in data])
@@ -328,7 +328,7 @@ def fit_flows_jointly(
             "finished": bool(finished),
             "names": list(names),
             "stack": {k: v.detach().cpu().clone() for k, v in stack.state_dict().items()},
-            "optimiser": _cpu_copy(optimiser.state_dict()),
+            "optimiser": detached_cpu_copy(optimiser.state_dict()),
             "generators": [g.get_state() for g in gens],
             "histories": [[dict(r) for r in h] for h in histories],
             "best_nll": [float(v) for v in best_nll],

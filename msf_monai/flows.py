@@ -231,7 +231,7 @@ def _as_data(data: Any, name: str = "data", min_rows: int = 2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _initialise_actnorms(flow: Flow, x: torch.Tensor, logger: logging.Logger) -> None:
+def initialise_actnorms(flow: Flow, x: torch.Tensor, logger: logging.Logger) -> None:
     """Data-dependent ActNorm initialisation on ``x`` (a reasonably large batch).
 
     Does what nflows' ActNorm does on its first training batch, layer by layer, but floors the
@@ -351,14 +351,14 @@ def fit_flow(
         log.info("resuming the flow fit after epoch %d of %d", first_epoch - 1, int(epochs))
     else:
         init_idx = torch.randperm(n, generator=gen)[: max(2, min(n, int(init_samples)))].to(ref.device)
-        _initialise_actnorms(flow, x[init_idx], log)
+        initialise_actnorms(flow, x[init_idx], log)
 
     def fit_state(epoch: int, finished: bool = False) -> dict:
         return {
             "epoch": int(epoch),
             "finished": bool(finished),
             "flow": {k: v.detach().cpu().clone() for k, v in flow.state_dict().items()},
-            "optimiser": _cpu_copy(optimiser.state_dict()),
+            "optimiser": detached_cpu_copy(optimiser.state_dict()),
             "generator": gen.get_state(),
             "history": [dict(r) for r in history],
             "best_nll": float(best_nll),
@@ -415,14 +415,14 @@ def fit_flow(
     return history
 
 
-def _cpu_copy(value: Any) -> Any:
+def detached_cpu_copy(value: Any) -> Any:
     """A detached CPU copy of nested dicts/lists of tensors (an optimiser state)."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().clone()
     if isinstance(value, Mapping):
-        return {k: _cpu_copy(v) for k, v in value.items()}
+        return {k: detached_cpu_copy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_cpu_copy(v) for v in value)
+        return type(value)(detached_cpu_copy(v) for v in value)
     return value
 
 

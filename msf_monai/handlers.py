@@ -195,13 +195,14 @@ class StyleFlowFitter:
         checkpoint_every: int = 10,
         settings: dict | None = None,
     ):
-        from msf_monai.resume import _as_bool, _plain_settings
+        from msf_monai.cli import as_bool
+        from msf_monai.resume import plain_settings
 
         self.recorder, self.bank = recorder, bank
         self.resume_path = None if resume_path is None else Path(resume_path)
-        self.resume = _as_bool(resume)
+        self.resume = as_bool(resume, "resume")
         self.checkpoint_every = max(0, int(checkpoint_every))
-        self.settings = _plain_settings(settings)
+        self.settings = plain_settings(settings)
         self.flow_path, self.log_path, self.plot_path = flow_path, log_path, plot_path
         self.fit_kwargs = dict(
             epochs=int(epochs), lr=float(lr), batch_size=int(batch_size), grad_clip=float(grad_clip),
@@ -224,7 +225,7 @@ class StyleFlowFitter:
                           + (f" (state: {self.resume_path})" if self.resume_path is not None else ""))
 
     def _resume_state(self, digest: str) -> dict | None:
-        from msf_monai.resume import _differences, load_resume_state, remove_stale_temporaries
+        from msf_monai.resume import load_resume_state, remove_stale_temporaries, setting_differences
 
         if self.resume_path is None:
             return None
@@ -235,7 +236,7 @@ class StyleFlowFitter:
             logger.info("--resume false: the previous flow-fitting state %s is replaced; fitting from scratch", self.resume_path)
             return None
         saved = load_resume_state(self.resume_path)
-        diff = _differences(saved.get("settings", {}), self.settings)
+        diff = setting_differences(saved.get("settings", {}), self.settings)
         if saved.get("statistics") != digest:
             diff.append("the style statistics differ")
         if diff:

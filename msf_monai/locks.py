@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["CheckpointLock", "lock_checkpoint", "lock_holder", "lock_path"]
+__all__ = ["CheckpointLock", "describe_holder", "lock_checkpoint", "lock_holder", "lock_path"]
 
 logger = logging.getLogger("msf_monai.locks")
 
@@ -103,7 +103,7 @@ def _read_info(fd: int) -> dict:
     return info if isinstance(info, dict) else {"unreadable": str(info)[:200]}
 
 
-def _describe(info: dict) -> str:
+def describe_holder(info: dict) -> str:
     if not info or "pid" not in info:
         return "an unknown process (the lock file does not say which)"
     text = f"process {info['pid']} on host {info.get('host', '?')}"
@@ -216,12 +216,12 @@ class CheckpointLock:
             raise CheckpointLockedError(self._held_message(info))
         logger.warning("took over the stale lock %s of %s: that run ended without releasing it (killed?); "
                        "its checkpoint %s is now written by this run (process %d)",
-                       self.path, _describe(info), self.checkpoint, os.getpid())
+                       self.path, describe_holder(info), self.checkpoint, os.getpid())
         return info
 
     def _held_message(self, info: dict) -> str:
         return (
-            f"another run is writing {self.checkpoint}: its lock {self.path} is held by {_describe(info)}.\n"
+            f"another run is writing {self.checkpoint}: its lock {self.path} is held by {describe_holder(info)}.\n"
             "Two runs on one checkpoint would overwrite each other's models and training state, so this run "
             "stopped before any work. Wait for that run to end (or stop it) before running this command again, "
             "or give this run its own models folder (--ckpt_dir) or checkpoint file name."

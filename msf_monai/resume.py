@@ -59,9 +59,11 @@ __all__ = [
     "file_digest",
     "get_rng_states",
     "load_resume_state",
+    "plain_settings",
     "remove_stale_temporaries",
     "require_finished_run",
     "set_rng_states",
+    "setting_differences",
     "state_path_of",
 ]
 
@@ -246,7 +248,7 @@ def load_resume_state(path: str | os.PathLike, map_location: Any = "cpu") -> dic
     return state
 
 
-def _plain_settings(settings: Mapping | None) -> dict:
+def plain_settings(settings: Mapping | None) -> dict:
     out = {}
     for key, value in dict(settings or {}).items():
         if isinstance(value, (os.PathLike,)):
@@ -261,7 +263,7 @@ def _plain_settings(settings: Mapping | None) -> dict:
     return out
 
 
-def _differences(saved: Mapping, current: Mapping) -> list[str]:
+def setting_differences(saved: Mapping, current: Mapping) -> list[str]:
     return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
@@ -293,7 +295,7 @@ def check_resume(
     if not path.is_file():
         return None
     state = load_resume_state(path)
-    diff = _differences(state.get("settings", {}), _plain_settings(settings))
+    diff = setting_differences(state.get("settings", {}), plain_settings(settings))
     if diff:
         if on_mismatch == "restart":
             logger.warning("the saved state %s was made with other inputs or settings (%s); %s starts from scratch",
@@ -355,7 +357,7 @@ def require_finished_run(
       ``path``'s (the file was replaced after that run): :class:`~msf_monai.bundle.UnfinishedPhaseError`.
     """
     from msf_monai.bundle import CheckpointLockedError, MissingPhaseOutputError, UnfinishedPhaseError
-    from msf_monai.locks import _describe, lock_holder, lock_path
+    from msf_monai.locks import describe_holder, lock_holder, lock_path
 
     path = Path(path)
     again = f":\n  {command}" if command else "."
@@ -365,7 +367,7 @@ def require_finished_run(
     if holder is not None:
         raise CheckpointLockedError(
             f"{path} is being written by a {what} run that has not ended: its lock {lock_path(path)} is held by "
-            f"{_describe(holder)}. Wait for that run to finish, then run this command again."
+            f"{describe_holder(holder)}. Wait for that run to finish, then run this command again."
         )
     state_path = state_path_of(path) if state_path is None else Path(state_path)
     if not state_path.is_file():
@@ -453,7 +455,7 @@ class TrainingCheckpointer:
         self.validator = validator
         self.interval = int(interval)
         self.resume = _as_bool(resume)
-        self.settings = _plain_settings(settings)
+        self.settings = plain_settings(settings)
         self.map_location = map_location
         self.resumed_from: int | None = None
         self._best_saved_epoch: int | None = None
