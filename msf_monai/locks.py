@@ -104,6 +104,7 @@ def _read_info(fd: int) -> dict:
 
 
 def describe_holder(info: dict) -> str:
+    """The process a lock file names, in words (for messages)."""
     if not info or "pid" not in info:
         return "an unknown process (the lock file does not say which)"
     text = f"process {info['pid']} on host {info.get('host', '?')}"
