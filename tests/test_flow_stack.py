@@ -34,11 +34,11 @@ def _random_flow(features, seed, base="standard", num_blocks=3):
 
 
 @pytest.mark.parametrize("base", ["standard", "diagonal"])
-def test_stack_log_prob_equals_each_flow_and_padding_gets_no_gradient(base):
-    flows = [_random_flow(c, seed, base) for seed, c in enumerate((7, 4, 5))]
+def test_stack_log_prob_equals_each_flow_and_padding_gets_no_gradient(base, device):
+    flows = [_random_flow(c, seed, base).to(device) for seed, c in enumerate((7, 4, 5))]
     stack = FlowStack(flows)
     g = torch.Generator().manual_seed(0)
-    rows = [torch.randn(9, f._distribution._shape[0], generator=g) for f in flows]
+    rows = [torch.randn(9, f._distribution._shape[0], generator=g).to(device) for f in flows]
     joint = stack.log_prob(stack.pad_rows(rows))
     for k, (flow, x) in enumerate(zip(flows, rows)):
         torch.testing.assert_close(joint[k], flow.log_prob(x), rtol=1e-5, atol=1e-5)
@@ -61,13 +61,13 @@ def test_stack_log_prob_equals_each_flow_and_padding_gets_no_gradient(base):
 
 
 @pytest.mark.parametrize("base", ["standard", "diagonal"])
-def test_joint_fit_takes_the_same_steps_as_separate_fits(base):
+def test_joint_fit_takes_the_same_steps_as_separate_fits(base, device):
     """Same batches, per-flow clipping, per-flow early stopping: the joint fit must give the
     separate fits' histories and weights, up to float rounding, also when the flows stop at
     different epochs."""
     stats = _stats()
     torch.manual_seed(3)
-    separate = StyleFlowBank({2: 8, 3: 5, 4: 4}, num_blocks=3, base=base)
+    separate = StyleFlowBank({2: 8, 3: 5, 4: 4}, num_blocks=3, base=base).to(device)
     joint = copy.deepcopy(separate)
     kw = dict(epochs=25, lr=5e-3, batch_size=8, grad_clip=0.5, val_fraction=0.3, seed=4, log_every=0)
     h_sep = separate.fit(stats, joint=False, **kw)
