@@ -11,7 +11,8 @@
 #
 # Needs a Python with a CUDA build of torch and msf_monai installed (`MSF_TORCH_CONSTRAINTS=
 # bash scripts/setup_env.sh` on a machine with network makes .venv so). GPU_CHECK_ALLOW_CPU=1
-# with SIZE=64 runs the same steps on CPU (the test suite does, to keep this script working).
+# with SIZE=32 runs the same steps on CPU (the test suite does, to keep this script working;
+# GPU_CHECK_LIMIT_SCALE multiplies the steps' time limits there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -45,7 +46,7 @@ stop_sampler() {
     if [ -n "$sampler_pid" ]; then kill "$sampler_pid" 2>/dev/null || true; wait "$sampler_pid" 2>/dev/null || true; fi
 }
 step() {  # step NAME TIMEOUT_S COMMAND...: runs, logs to $OUT/NAME.log, records wall time and status
-    local name=$1 limit=$2
+    local name=$1 limit=$(( $2 * ${GPU_CHECK_LIMIT_SCALE:-1} ))
     shift 2
     echo "== $name: $*"
     start_sampler "$name"
@@ -67,13 +68,13 @@ common=(--bundle_root "$bundle" --image_size "$SIZE" --amp auto)
 # GPU_CHECK_TESTS / GPU_CHECK_SPEED_ARGS narrow the first two steps (the CPU run of the test suite)
 read -r -a tests <<< "${GPU_CHECK_TESTS:-tests/test_accelerator.py tests/test_flow_stack.py}"
 read -r -a speed_args <<< "${GPU_CHECK_SPEED_ARGS:---repeats 5 --warmup 2}"
-step tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider "${tests[@]}"
-step benchmark_speed 200 "$PYTHON" scripts/benchmark_speed.py --sizes "[$SIZE]" --flow_fit_rounds 1 \
+step tests 75 "$PYTHON" -m pytest -q -p no:cacheprovider "${tests[@]}"
+step benchmark_speed 120 "$PYTHON" scripts/benchmark_speed.py --sizes "[$SIZE]" --flow_fit_rounds 1 \
     --output "$OUT/benchmark_speed.json" "${speed_args[@]}"
-step phase1 120 "$PYTHON" -m monai.bundle run --config_file "$bundle/configs/phase1.json" "${common[@]}" --epochs "$EPOCHS" --resume false
-step phase2 60 "$PYTHON" -m monai.bundle run --config_file "$bundle/configs/phase2.json" --bundle_root "$bundle" --image_size "$SIZE" --epochs 20 --resume false
-step phase3 120 "$PYTHON" -m monai.bundle run --config_file "$bundle/configs/phase3.json" "${common[@]}" --epochs "$EPOCHS" --resume false
-step evaluate 60 "$PYTHON" -m monai.bundle run --config_file "$bundle/configs/evaluate.json" "${common[@]}"
+step phase1 80 "$PYTHON" -m monai.bundle run --config_file "$bundle/configs/phase1.json" "${common[@]}" --epochs "$EPOCHS" --resume false
+step phase2 40 "$PYTHON" -m monai.bundle run --config_file "$bundle/configs/phase2.json" --bundle_root "$bundle" --image_size "$SIZE" --epochs 20 --resume false
+step phase3 80 "$PYTHON" -m monai.bundle run --config_file "$bundle/configs/phase3.json" "${common[@]}" --epochs "$EPOCHS" --resume false
+step evaluate 45 "$PYTHON" -m monai.bundle run --config_file "$bundle/configs/evaluate.json" "${common[@]}"
 
 "$PYTHON" - "$OUT" "$bundle" <<'EOF'
 import json, sys

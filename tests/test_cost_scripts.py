@@ -56,7 +56,7 @@ def test_gpu_check_script_runs_its_steps_and_writes_a_summary(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
     refused = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "no CUDA device" in refused.stderr
-    env.update(GPU_CHECK_ALLOW_CPU="1", SIZE="32", EPOCHS="1", GPU_CHECK_TESTS="tests/test_accelerator.py::test_settings_resolve_per_device",
+    env.update(GPU_CHECK_ALLOW_CPU="1", SIZE="32", EPOCHS="1", GPU_CHECK_LIMIT_SCALE="4", GPU_CHECK_TESTS="tests/test_accelerator.py::test_settings_resolve_per_device",
                GPU_CHECK_SPEED_ARGS="--repeats 1 --warmup 0 --flow_epochs 1 --phase2_slices 4 --methods []")
     done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
