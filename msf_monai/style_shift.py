@@ -18,7 +18,10 @@ volume can score orders of magnitude higher even on the source site, which would
 
 The scale is heavy-tailed: on the demo, source-site slices score about -3 to 10, unseen sites
 10^2 to 10^9 (numbers in the bundles' docs/README.md). Compare a score with the threshold,
-or scores with each other; its absolute value has no meaning of its own.
+or scores with each other; its absolute value has no meaning of its own. The CSV therefore
+also gives two readable forms (:func:`readable_scale`): the ``percentile`` among the source
+validation cases and the ``shift_level``, 0 for a typical source case, 0.3 at the threshold and
+about one more per order of magnitude beyond it.
 
 The threshold is calibrated on the source site's *validation* patients (never seen by the
 flows nor by Phase I training): by default the 95th percentile of their case scores
@@ -40,7 +43,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +60,7 @@ __all__ = [
     "calibrate_style_shift",
     "file_sha256",
     "image_slices",
+    "readable_scale",
     "CALIBRATION_FORMAT",
 ]
 
@@ -218,6 +222,25 @@ def calibrate_style_shift(
     return result
 
 
+def readable_scale(score: float, calibration: Mapping) -> tuple[float, float]:
+    """Two readable forms of a case score, from the source validation cases of ``calibration``:
+
+    * ``percentile``: the share (%) of those cases scoring at most ``score`` (100 = beyond all);
+    * ``shift_level``: ``log10(1 + max(0, score - median) / (threshold - median))``, i.e. 0 at or
+      below their median, 0.3 at the flag threshold, and then about one unit per order of
+      magnitude beyond it (the raw score spans 10^2 to 10^9 on unseen sites).
+    """
+    val = np.array([float(c["score"]) for c in calibration.get("cases", [])], dtype=float)
+    if val.size == 0:
+        return float("nan"), float("nan")
+    median, threshold = float(np.median(val)), float(calibration["threshold"])
+    spread = threshold - median
+    if not spread > 0:  # a degenerate calibration (all cases alike): the spread of their scores
+        spread = float(val.std()) or 1.0
+    percentile = 100.0 * float((val <= score).mean())
+    return percentile, float(np.log10(1.0 + max(0.0, score - median) / spread))
+
+
 class StyleShiftWriter:
     """Evaluator handler: a style-shift score per case, written next to the masks.
 
@@ -310,25 +333,31 @@ class StyleShiftWriter:
         for item in items:
             score, n = self.scorer.case_score(item["image"])
             case = str(item.get("case", "")) or _source_name(item)
+            percentile, level = readable_scale(score, self.calibration)
             row = {"case": case, "site": str(item.get("site", "")), "image": _source_name(item, full=True),
-                   "score": float(f"{score:.6g}"), "threshold": float(f"{threshold:.6g}"), "flag": int(score > threshold), "n_images": n}
+                   "score": float(f"{score:.6g}"), "threshold": float(f"{threshold:.6g}"), "flag": int(score > threshold),
+                   "percentile": round(percentile, 1), "shift_level": round(level, 2), "n_images": n}
             self.rows.append(row)
-            logger.info("style shift %s: %.4g%s", case, score, "  ABOVE threshold (unlike the training site)" if row["flag"] else "")
+            logger.info("style shift %s: level %.2f (%.0f%% of source validation cases score lower or equal)%s", case, level,
+                        percentile, "  ABOVE threshold (unlike the training site)" if row["flag"] else "")
 
     def _write(self, engine: Engine) -> None:
         if self.scorer is None:
             return
         self.output_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.output_file, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["case", "site", "image", "score", "threshold", "flag", "n_images"])
+            writer = csv.DictWriter(f, fieldnames=["case", "site", "image", "score", "threshold", "flag", "percentile",
+                                                   "shift_level", "n_images"])
             writer.writeheader()
             writer.writerows(self.rows)
         by_site = defaultdict(list)
         for r in self.rows:
             by_site[r["site"]].append(r)
         for site, rows in sorted(by_site.items()):
-            logger.info("style shift%s: median score %.4g, %d/%d case(s) flagged", f" {site}" if site else "",
-                        float(np.median([r["score"] for r in rows])), sum(r["flag"] for r in rows), len(rows))
+            flagged = sum(r["flag"] for r in rows)
+            logger.info("style shift%s: median level %.2f (raw score %.4g), %d/%d case(s) flagged (%.0f%%)", f" {site}" if site else "",
+                        float(np.median([r["shift_level"] for r in rows])), float(np.median([r["score"] for r in rows])),
+                        flagged, len(rows), 100.0 * flagged / len(rows))
         logger.info("style-shift scores written to %s", self.output_file)
 
 

@@ -327,3 +327,19 @@ def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylize
     assert abs(stylized) > 1e-3  # the weight matters
     for (name, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+def test_style_shift_readable_scale_against_a_direct_computation():
+    from msf_monai.style_shift import readable_scale
+
+    calibration = {"threshold": 9.0, "cases": [{"score": v} for v in (1.0, 2.0, 3.0, 5.0)]}  # median 2.5
+    for score, percentile, level in [
+        (0.5, 0.0, 0.0),  # below every source case
+        (2.5, 50.0, 0.0),  # the median
+        (9.0, 100.0, np.log10(2.0)),  # the threshold: 0.30
+        (2.5 + 6.5 * 999, 100.0, 3.0),  # 999 threshold-distances beyond the median: three orders
+    ]:
+        p, lv = readable_scale(score, calibration)
+        assert p == pytest.approx(percentile) and lv == pytest.approx(level), score
+    assert all(np.isnan(v) for v in readable_scale(3.0, {"threshold": 1.0, "cases": []}))
+    # all source cases alike: the spread falls back to 1, no division by zero
+    assert readable_scale(4.0, {"threshold": 2.0, "cases": [{"score": 2.0}] * 3}) == (100.0, pytest.approx(np.log10(3.0)))

@@ -57,6 +57,11 @@ def _assert_outputs(bundle, n_eval_cases: int, sites: set[str], demo: bool = Tru
         shift = list(csv.DictReader(f))
     assert len(shift) == n_eval_cases and {r["site"] for r in shift} == sites
     assert all(int(r["flag"]) == int(float(r["score"]) > float(r["threshold"])) for r in shift)
+    # the readable forms: a percentile among the source validation cases, and a level that passes
+    # log10(2) exactly at the threshold
+    for r in shift:
+        assert 0.0 <= float(r["percentile"]) <= 100.0 and float(r["shift_level"]) >= 0.0
+        assert int(r["flag"]) == int(float(r["shift_level"]) > np.log10(2.0) + 0.005) or abs(float(r["shift_level"]) - np.log10(2.0)) < 0.01
     summary = json.loads((bundle / "eval" / "model_summary.json").read_text())
     assert set(summary["sites"]) == sites
     for site, s in summary["sites"].items():
