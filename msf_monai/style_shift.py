@@ -59,6 +59,7 @@ __all__ = [
     "StyleShiftWriter",
     "calibrate_style_shift",
     "file_sha256",
+    "flagged_shares",
     "image_slices",
     "readable_scale",
     "CALIBRATION_FORMAT",
@@ -239,6 +240,20 @@ def readable_scale(score: float, calibration: Mapping) -> tuple[float, float]:
         spread = float(val.std()) or 1.0
     percentile = 100.0 * float((val <= score).mean())
     return percentile, float(np.log10(1.0 + max(0.0, score - median) / spread))
+
+
+def flagged_shares(csv_file: str | os.PathLike) -> str:
+    """One line for a table: per site, the cases of a ``style_shift.csv`` flagged as unlike the
+    training site (``""`` when there is no such file)."""
+    path = Path(csv_file)
+    if not path.is_file():
+        return ""
+    by_site: dict[str, list[int]] = defaultdict(list)
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            by_site[row.get("site", "")].append(int(row["flag"]))
+    parts = [f"{site or 'all'} {sum(v)}/{len(v)} ({100 * sum(v) / len(v):.0f} %)" for site, v in sorted(by_site.items()) if v]
+    return "Style-shift flags (cases scoring above the threshold calibrated on the source validation cases): " + ", ".join(parts)
 
 
 class StyleShiftWriter:

@@ -112,3 +112,23 @@ def test_gallery_columns_stylize():
         assert not torch.allclose(cols[name], cols["reconstruction"], atol=1e-3), f"{name} did not stylize"
     assert not torch.allclose(cols["randconv"], images)
     assert len(net.image_decoder_styles) == 0  # the gallery leaves the network as it found it
+
+
+def test_the_table_gives_each_sites_style_shift_flags(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from evaluate import write_table
+
+    per_case = tmp_path / "per_case"
+    per_case.mkdir()
+    summary = {"channels": ["prostate"], "cases": [],
+               "sites": {"SiteA": {"n": 2, "prostate": {"mean": 0.8}}, "SiteB": {"n": 3, "prostate": {"mean": 0.6}}}}
+    (per_case / "m_summary.json").write_text(__import__("json").dumps(summary))
+    assert "Style-shift flags" not in write_table({"m": [per_case / "m_summary.json"]}, tmp_path, "SiteA", "t")
+    with open(per_case / "style_shift.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["case", "site", "flag"])
+        writer.writeheader()
+        writer.writerows([{"case": "a1", "site": "SiteA", "flag": 0}, {"case": "a2", "site": "SiteA", "flag": 0},
+                          {"case": "b1", "site": "SiteB", "flag": 1}, {"case": "b2", "site": "SiteB", "flag": 1},
+                          {"case": "b3", "site": "SiteB", "flag": 0}])
+    text = write_table({"m": [per_case / "m_summary.json"]}, tmp_path, "SiteA", "t")
+    assert "SiteA 0/2 (0 %), SiteB 2/3 (67 %)" in text and text in (tmp_path / "dg_table.md").read_text()
