@@ -288,13 +288,14 @@ def fit_flows_jointly(
         raise ValueError("a joint flow fit needs the same number of rows for every flow")
     n, bs, epochs = int(data[0].shape[0]), int(batch_size), int(epochs)
     gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    device = next(flows[0].parameters()).device
+    data = [x.to(device) for x in data]
     if resume_state is None:
         for flow, x, gen in zip(flows, data, gens):
             init_idx = torch.randperm(n, generator=gen)[: max(2, min(n, int(init_samples)))]
-            initialise_actnorms(flow, x[init_idx.to(x.device)], log)
+            initialise_actnorms(flow, x[init_idx.to(device)], log)
     stack = FlowStack(flows)
-    device = stack.feature_mask.device
-    x_all = stack.pad_rows([x.to(device) for x in data])
+    x_all = stack.pad_rows(data)
     xv_all = None if val_data is None else stack.pad_rows([x.to(device) for x in val_data])
     # fused where this torch has it (CPU and CUDA): the same update in one kernel
     try:
