@@ -27,7 +27,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -560,6 +560,17 @@ def _plain(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: value of type {type(value).__name__} cannot be stored in a weights_only checkpoint")
 
 
+class _FlowJob(NamedTuple):
+    """One flow of a bank to fit: its history key, name in messages, module, rows and seed."""
+
+    key: str
+    label: str
+    flow: Flow
+    train: torch.Tensor
+    val: torch.Tensor | None
+    seed: int
+
+
 class StyleFlowBank(nn.Module):
     """Mean flow ("MuFlow") and spread flow ("STDFlow") for every style layer.
 
@@ -762,7 +773,7 @@ class StyleFlowBank(nn.Module):
         if states:
             joint = "joint" in states
         constant: list[str] = []
-        jobs = []  # (key, label, flow, train rows, val rows or None, seed)
+        jobs: list[_FlowJob] = []
         for i, (layer, (mean, var)) in enumerate(data.items()):
             spread = self._spread_from_var(var)
             for kind, values in (("mean", mean), ("spread", spread)):
@@ -780,29 +791,29 @@ class StyleFlowBank(nn.Module):
             else:
                 tr, va = torch.arange(n), None
             for j, (kind, flows, values) in enumerate((("mean", self.mean_flows, mean), ("spread", self.spread_flows, spread))):
-                jobs.append((f"{kind}_{layer}", f"{kind} flow of style layer {layer}", flows[str(layer)], values[tr],
-                             None if va is None else values[va], int(seed) + 2 * i + j))
+                jobs.append(_FlowJob(f"{kind}_{layer}", f"{kind} flow of style layer {layer}", flows[str(layer)], values[tr],
+                                     None if va is None else values[va], int(seed) + 2 * i + j))
         settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, grad_clip=grad_clip, weight_decay=weight_decay,
                         log_every=log_every, logger=log, checkpoint_every=checkpoint_every)
         if joint:
-            log.info("fitting %d flows jointly on %d samples each (%s)", len(jobs), len(jobs[0][3]),
-                     ", ".join(f"{key}: {x.shape[1]} channels" for key, _, _, x, _, _ in jobs))
+            log.info("fitting %d flows jointly on %d samples each (%s)", len(jobs), len(jobs[0].train),
+                     ", ".join(f"{job.key}: {job.train.shape[1]} channels" for job in jobs))
 
             def checkpoint_joint(state: dict) -> None:
                 if on_checkpoint is not None:
                     on_checkpoint({"joint": state})
 
-            labels = {key: label for key, label, *_ in jobs}
+            labels = {job.key: job.label for job in jobs}
             try:
                 results = fit_flows_jointly(
-                    [job[2] for job in jobs], [job[3] for job in jobs], [job[0] for job in jobs], [job[5] for job in jobs],
-                    val_data=None if jobs[0][4] is None else [job[4] for job in jobs], resume_state=states.get("joint"),
+                    [job.flow for job in jobs], [job.train for job in jobs], [job.key for job in jobs], [job.seed for job in jobs],
+                    val_data=None if jobs[0].val is None else [job.val for job in jobs], resume_state=states.get("joint"),
                     on_checkpoint=checkpoint_joint, **settings)
             except FlowFitError as err:
                 if getattr(err, "flow_name", None) in labels:
                     raise FlowFitError(f"{labels[err.flow_name]}: {err.detail}") from err
                 raise
-            histories = {job[0]: h for job, h in zip(jobs, results)}
+            histories = {job.key: h for job, h in zip(jobs, results)}
         for key, label, flow, x_train, x_val, flow_seed in ([] if joint else jobs):
             log.info("fitting %s on %d samples x %d channels", label, len(x_train), x_train.shape[1])
 
