@@ -183,8 +183,9 @@ class DualDecoderIteration:
     def __call__(self, engine, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        if engine.state.iteration <= 1:
+        if not getattr(engine, "_msf_trainer_checked", False):  # once per trainer, resumed runs included
             self.check_trainer(engine)
+            engine._msf_trainer_checked = True
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets = batch[0], batch[1]
         if getattr(engine, "compile", False):  # as SupervisedTrainer: torch.compile takes plain tensors
