@@ -228,7 +228,8 @@ def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices
 
     # the six flows fitted jointly (the default) and one after another (before 0.4.0), in
     # alternating rounds after a short warm-up of each, so drift affects both alike
-    fit_seconds(True, 2), fit_seconds(False, 2)
+    fit_seconds(True, 2)
+    fit_seconds(False, 2)
     joint_s, sequential_s = [], []
     for _ in range(max(1, int(flow_fit_rounds))):
         joint_s.append(fit_seconds(True, flow_epochs))
