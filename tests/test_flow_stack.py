@@ -124,3 +124,38 @@ def test_joint_fit_names_the_diverging_flow_and_checks_its_inputs():
         fit_flows_jointly(flows, [torch.randn(10, 4), torch.randn(11, 4)], ["a", "b"], [0, 1], epochs=1)
     with pytest.raises(ValueError, match="share their structure"):
         FlowStack([build_style_flow(4, num_blocks=2), build_style_flow(4, num_blocks=3)])
+
+
+def test_a_state_saved_by_separate_fits_is_continued_separately(monkeypatch):
+    """Phase II states written before the joint fit (one entry per flow) still resume, the way
+    they were saved, to the result of an uninterrupted separate fit."""
+    stats = _stats(n=40)
+    kw = dict(epochs=6, lr=3e-3, batch_size=8, val_fraction=0.25, seed=1, log_every=0)
+    torch.manual_seed(0)
+    fresh = StyleFlowBank({2: 8, 3: 5, 4: 4}, num_blocks=2)
+    whole = copy.deepcopy(fresh)
+    history = whole.fit(stats, joint=False, **kw)
+    states = []
+
+    class Killed(Exception):
+        pass
+
+    def crash(state):
+        states.append(state)
+        if "mean_3" in state:  # the first layer's flows are done, the second layer's has started
+            raise Killed
+
+    with pytest.raises(Killed):
+        copy.deepcopy(fresh).fit(stats, joint=False, checkpoint_every=3, on_checkpoint=crash, **kw)
+    assert "joint" not in states[-1] and states[-1]["mean_2"]["finished"]
+    from msf_monai import flows as flows_module
+
+    given = []
+    original = flows_module.fit_flow
+    monkeypatch.setattr(flows_module, "fit_flow", lambda *a, **k: given.append(k.get("resume_state")) or original(*a, **k))
+    resumed = copy.deepcopy(fresh)  # flows not started yet begin from the bank's own weights, as in Phase II
+    assert resumed.fit(stats, resume_state=states[-1], **kw) == history  # joint=True by default: ignored for this state
+    # the finished flows were restored from the state, the interrupted one continued, the rest fitted
+    assert [None if g is None else (g["finished"], g["epoch"]) for g in given] == [
+        (True, 6), (True, 6), (False, states[-1]["mean_3"]["epoch"]), None, None, None]
+    assert all(torch.equal(p, q) for p, q in zip(whole.state_dict().values(), resumed.state_dict().values()))
