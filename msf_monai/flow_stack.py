@@ -278,8 +278,9 @@ def fit_flows_jointly(
     ``checkpoint_every`` epochs and when the fit ends, ``"finished": True``) can be passed back
     as ``resume_state`` to continue with the same result as an uninterrupted fit.
     """
-    from msf_monai.flows import detached_cpu_copy, initialise_actnorms
+    from msf_monai.flows import check_fit_settings, detached_cpu_copy, initialise_actnorms
 
+    check_fit_settings(epochs, batch_size, lr)
     log = logger or _LOGGER
     groups = len(flows)
     if not (len(data) == len(names) == len(seeds) == groups) or groups == 0:

@@ -266,6 +266,16 @@ def _mean_nll(flow: Flow, x: torch.Tensor, batch: int = 4096) -> float:
     return total / x.shape[0]
 
 
+def check_fit_settings(epochs: int, batch_size: int, lr: float) -> None:
+    """``ValueError`` for fit settings no fit can run with (separate and joint fits alike)."""
+    if int(epochs) < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not (lr > 0):
+        raise ValueError(f"lr must be > 0, got {lr}")
+
+
 def fit_flow(
     flow: Flow,
     data: torch.Tensor | np.ndarray,
@@ -307,12 +317,7 @@ def fit_flow(
     gradient norm becomes non-finite (the fit diverged: lower ``lr`` or ``scale_clamp``).
     """
     log = logger or _LOGGER
-    if int(epochs) < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not (lr > 0):
-        raise ValueError(f"lr must be > 0, got {lr}")
+    check_fit_settings(epochs, batch_size, lr)
     ref = _flow_param(flow)
     x = _as_data(data, "data").to(ref.device)
     features = getattr(flow._distribution, "_shape", None)

@@ -122,6 +122,8 @@ def test_joint_fit_names_the_diverging_flow_and_checks_its_inputs():
     flows = [build_style_flow(4), build_style_flow(4)]
     with pytest.raises(ValueError, match="same number of rows"):
         fit_flows_jointly(flows, [torch.randn(10, 4), torch.randn(11, 4)], ["a", "b"], [0, 1], epochs=1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):  # as fit_flow says it, not a range() error
+        fit_flows_jointly(flows, [torch.randn(10, 4), torch.randn(10, 4)], ["a", "b"], [0, 1], epochs=1, batch_size=0)
     with pytest.raises(ValueError, match="share their structure"):
         FlowStack([build_style_flow(4, num_blocks=2), build_style_flow(4, num_blocks=3)])
 
