@@ -24,10 +24,12 @@ __all__ = [
     "PhaseError",
     "UnfinishedPhaseError",
     "arguments_for",
+    "check_geometry",
     "check_overrides",
     "check_settings",
     "config_ids",
     "deterministic_algorithms",
+    "trained_geometry",
 ]
 
 #: the networks halve the image four times (H/16 bottleneck): image sizes are multiples of this
@@ -119,6 +121,9 @@ SETTING_RULES = {
     "style_p": _number(0, 1),
     "bias_field_prob": _number(0, 1),
     "bias_field_coeff": _number(0),
+    "resample": _choice("resize", "spacing"),
+    "pixel_spacing": _number(0, low_open=True),
+    "field_of_view": _number(0, low_open=True),
     "stylized_weight": _number(0),
     "style_guard_range": _optional(_number(0, low_open=True)),
     "maxstyle_steps": _whole(1),
@@ -487,6 +492,41 @@ def evaluation_split(
         "evaluating the %d validation case(s) of source site %s (of %d; seed %s, val_fraction %s) and every case of the other sites",
         len(source_val), site, len(source), settings["seed"], settings["val_fraction"])
     return {"cases": list(source_val) + [d for d in datalist if d["site"] != site], "info": info}
+
+
+def trained_geometry(checkpoint: str | os.PathLike) -> dict:
+    """The in-plane geometry (``resample``, ``pixel_spacing``, ``field_of_view``) the run that
+    wrote ``checkpoint`` preprocessed with, from its training record; the defaults (``resize``)
+    when the record names none or there is no record. Later phases, evaluation and inference
+    take their defaults from it, so ``--resample spacing`` is given once, to the training run."""
+    from msf_monai.training_record import read_training_record
+    from msf_monai.transforms import GEOMETRY_DEFAULTS
+
+    record = read_training_record(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
+    stored = (record or {}).get("settings", {}).get("geometry") or {}
+    return {key: stored.get(key, default) for key, default in GEOMETRY_DEFAULTS.items()}
+
+
+def check_geometry(checkpoint: str | os.PathLike, geometry: dict | None, what: str = "this run") -> bool:
+    """Stop, before any work, a run whose in-plane geometry differs from the one ``checkpoint``
+    was trained with (e.g. ``--resample resize`` on a model trained with ``spacing``): the
+    network would see organs at another scale and fail silently. ``geometry`` is
+    :func:`msf_monai.transforms.geometry_settings`'s value (``None`` for ``resize``)."""
+    from msf_monai.transforms import GEOMETRY_DEFAULTS
+
+    trained = trained_geometry(checkpoint)
+    now = {**GEOMETRY_DEFAULTS, **(geometry or {})}
+    keys = ["resample"] + (["pixel_spacing", "field_of_view"] if "spacing" in (now["resample"], trained["resample"]) else [])
+    wrong = [f"--{key} {now[key]!r} (trained with {trained[key]!r})" for key in keys if _differs(now[key], trained[key])]
+    if wrong:
+        fix = " ".join(f"--{key} {trained[key]}" for key in keys)
+        raise ConfigValueError(f"{checkpoint} was trained with another in-plane geometry than {what} would use: "
+                               f"{', '.join(wrong)}. Leave these settings out to use the training run's ({fix}).")
+    if now["resample"] == "spacing":
+        logging.getLogger("msf_monai.bundle").info(
+            "%s: slices resampled to %g mm and a %g mm field of view, as %s was trained", what, now["pixel_spacing"],
+            now["field_of_view"], Path(checkpoint).name)
+    return True
 
 
 def _differs(given, trained) -> bool:

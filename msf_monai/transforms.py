@@ -17,10 +17,17 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     Resized,
+    ResizeWithPadOrCropd,
     ScaleIntensityRangePercentilesd,
+    Spacingd,
 )
 
-__all__ = ["SelectChanneld", "prostate_preprocessing"]
+__all__ = ["GEOMETRY_DEFAULTS", "RESAMPLE_MODES", "SelectChanneld", "geometry_settings", "prostate_preprocessing", "spacing_canvas"]
+
+#: how a volume's in-plane grid becomes ``image_size`` x ``image_size`` (see :func:`prostate_preprocessing`)
+RESAMPLE_MODES = ("resize", "spacing")
+#: the in-plane geometry settings and their defaults (:func:`prostate_preprocessing`)
+GEOMETRY_DEFAULTS = {"resample": "resize", "pixel_spacing": 0.625, "field_of_view": 140.0}
 
 
 class SelectChanneld(MapTransform):
@@ -52,11 +59,44 @@ class SelectChanneld(MapTransform):
         return d
 
 
+def geometry_settings(resample: str = "resize", pixel_spacing: float = 0.625, field_of_view: float = 140.0) -> dict | None:
+    """The in-plane geometry a run preprocesses with, as stored in its training record: ``None``
+    for ``"resize"`` (whose records, and saved training states, look as before the option
+    existed), else ``{"resample": "spacing", "pixel_spacing": ..., "field_of_view": ...}``.
+    Checks the values (a clear error for an unknown mode or an impossible spacing)."""
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample {resample!r}: must be one of {', '.join(RESAMPLE_MODES)}")
+    if resample == "resize":
+        return None
+    spacing_canvas(pixel_spacing, field_of_view)
+    return {"resample": "spacing", "pixel_spacing": float(pixel_spacing), "field_of_view": float(field_of_view)}
+
+
+def spacing_canvas(pixel_spacing: float = 0.625, field_of_view: float = 240.0) -> int:
+    """The in-plane size in pixels of a ``field_of_view`` (mm) square sampled at ``pixel_spacing``
+    (mm): the grid that ``resample="spacing"`` pads or crops every slice to. A clear error
+    for a spacing or field of view that is not a positive number or that gives under 16 pixels."""
+    try:
+        spacing, fov = float(pixel_spacing), float(field_of_view)
+    except (TypeError, ValueError):
+        raise ValueError(f"pixel_spacing {pixel_spacing!r} and field_of_view {field_of_view!r} must be numbers (mm)") from None
+    if not (spacing > 0 and fov > 0):
+        raise ValueError(f"pixel_spacing {pixel_spacing!r} and field_of_view {field_of_view!r} must be positive (mm)")
+    canvas = int(round(fov / spacing))
+    if canvas < 16:
+        raise ValueError(f"field_of_view {fov:g} mm at pixel_spacing {spacing:g} mm is only {canvas} pixels; "
+                         "at least 16 are needed")
+    return canvas
+
+
 def prostate_preprocessing(
     image_size: int = 384,
     keys: Sequence[str] = ("image", "label"),
     lower_percentile: float = 0.5,
     upper_percentile: float = 99.5,
+    resample: str = "resize",
+    pixel_spacing: float = 0.625,
+    field_of_view: float = 140.0,
 ) -> Compose:
     """Preprocessing of a prostate MRI volume (and its label, if ``"label"`` is in ``keys``).
 
@@ -67,8 +107,22 @@ def prostate_preprocessing(
     3. Labels: any positive value is prostate (merges the Decathlon/NCI-ISBI zones 1 and 2).
     4. Intensities: percentiles ``lower``..``upper`` mapped to [0, 1] and clipped (the image
        decoder's sigmoid output lives in [0, 1]).
-    5. In-plane resize to ``image_size`` x ``image_size`` (paper: 384), slices unchanged.
+    5. In-plane geometry, slices unchanged, by ``resample``:
+
+       * ``"resize"``: the whole slice resized to ``image_size`` x ``image_size`` (paper: 384)
+         whatever its pixel spacing, so anatomy's size in pixels follows the scan's field of view;
+       * ``"spacing"``: resampled to ``pixel_spacing`` mm (MONAI ``Spacingd``, bilinear for the
+         image, nearest for the label; the reference's and nnU-Net's way), centre padded
+         (zeros) or cropped to a ``field_of_view`` mm square (:func:`spacing_canvas`; 140 mm at
+         0.625 mm is the reference's 224-pixel centre crop), then resized (area) to
+         ``image_size`` if that differs, so one pixel is ``field_of_view / image_size`` mm on
+         every scan and an organ has the same size in pixels whatever the scanner's field of view.
+
+    Every step is invertible: inference and original-geometry evaluation put predictions back
+    on the scan's own grid with ``Invertd``.
     """
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample {resample!r}: must be one of {', '.join(RESAMPLE_MODES)}")
     keys = list(keys)
     has_label = "label" in keys
     modes = ["area" if k == "image" else "nearest" for k in keys]
@@ -83,7 +137,18 @@ def prostate_preprocessing(
         ScaleIntensityRangePercentilesd(
             keys="image", lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True
         ),
-        Resized(keys=keys, spatial_size=(int(image_size), int(image_size), -1), mode=modes),
-        EnsureTyped(keys=keys, dtype="float32"),
     ]
+    size = int(image_size)
+    if resample == "spacing":
+        canvas = spacing_canvas(pixel_spacing, field_of_view)
+        transforms += [
+            Spacingd(keys=keys, pixdim=(float(pixel_spacing), float(pixel_spacing), -1),
+                     mode=["bilinear" if k == "image" else "nearest" for k in keys]),
+            ResizeWithPadOrCropd(keys=keys, spatial_size=(canvas, canvas, -1)),
+        ]
+        if canvas != size:
+            transforms.append(Resized(keys=keys, spatial_size=(size, size, -1), mode=modes))
+    else:
+        transforms.append(Resized(keys=keys, spatial_size=(size, size, -1), mode=modes))
+    transforms.append(EnsureTyped(keys=keys, dtype="float32"))
     return Compose(transforms)
