@@ -200,7 +200,7 @@ class EnsureRGBd(MapTransform):
 
 
 def fundus_preprocessing(image_size: int = 512, keys: Sequence[str] = ("image", "label"),
-                         reverse_indexing: bool = True) -> Compose:
+                         reverse_indexing: bool = True, original_grid: bool = False) -> Compose:
     """Preprocessing of a colour fundus photograph (and its mask, if ``"label"`` is in
     ``keys``).
 
@@ -213,7 +213,9 @@ def fundus_preprocessing(image_size: int = 512, keys: Sequence[str] = ("image", 
     5. Resize to ``image_size`` x ``image_size`` (area for the image, nearest for the label).
     6. float32 tensors.
 
-    The result is [3, S, S] for the image and [2, S, S] for the label.
+    The result is [3, S, S] for the image and [2, S, S] for the label. ``original_grid=True``
+    leaves out step 5 (the label as stored, on the photograph's own grid: what a prediction put
+    back with ``Invertd`` is compared with in original-geometry evaluation).
     """
     keys = list(keys)
     size = int(image_size)
@@ -234,9 +236,8 @@ def fundus_preprocessing(image_size: int = 512, keys: Sequence[str] = ("image", 
         transforms.append(ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0,
                                                b_min=0.0, b_max=1.0, clip=True))
     modes = ["area" if k == "image" else "nearest" for k in keys]
-    transforms += [
-        Resized(keys=keys, spatial_size=(size, size), mode=modes),
-        EnsureTyped(keys=keys, dtype=torch.float32),
-    ]
+    if not original_grid:
+        transforms.append(Resized(keys=keys, spatial_size=(size, size), mode=modes))
+    transforms.append(EnsureTyped(keys=keys, dtype=torch.float32))
     return Compose(transforms)
 

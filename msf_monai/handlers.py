@@ -38,6 +38,7 @@ __all__ = [
     "StyleFlowFitter",
     "StylizedImageSaver",
     "PerCaseDiceWriter",
+    "case_dice",
     "DataWaitTimer",
     "CaseProgressLogger",
 ]
@@ -477,6 +478,34 @@ class StylizedImageSaver:
             self._writer = None
 
 
+#: Dice per case over the whole volume, or averaged over its slices (:func:`case_dice`)
+DICE_MODES = ("volume", "slice")
+#: every slice of a volume, or only those whose label has foreground
+SLICE_MODES = ("all", "foreground")
+
+
+def case_dice(pred: torch.Tensor, label: torch.Tensor, dice: str = "volume", eval_slices: str = "all") -> torch.Tensor:
+    """Dice of one case per channel (``[C]``) from binary channel-first ``pred``/``label``.
+
+    ``dice="volume"``: one Dice over all voxels (3-D, per patient: the papers' prostate
+    protocol). ``"slice"``: the mean of the Dice of each slice (last axis). ``eval_slices=
+    "foreground"`` first keeps the slices whose label has foreground in any channel (all slices
+    if none has). An empty label against an empty prediction scores 1, against a non-empty one
+    0 (``ignore_empty=False``). 2-D cases (``[C, H, W]``) are one slice: every mode is the same.
+    """
+    pred, label = pred.float(), label.float()
+    if pred.ndim == 3:
+        pred, label = pred[..., None], label[..., None]
+    if eval_slices == "foreground":
+        keep = label.flatten(0, -2).amax(0) > 0
+        if keep.any():
+            pred, label = pred[..., keep], label[..., keep]
+    if dice == "slice":
+        per_slice = compute_dice(pred.movedim(-1, 0), label.movedim(-1, 0), include_background=True, ignore_empty=False)
+        return per_slice.mean(0)
+    return compute_dice(pred[None], label[None], include_background=True, ignore_empty=False)[0]
+
+
 class PerCaseDiceWriter:
     """Dice per case and channel, with per-site means, written as CSV and JSON.
 
@@ -493,6 +522,10 @@ class PerCaseDiceWriter:
         site_key, case_key: entries of the data list that name the site and the case.
         split: how the cases were chosen (``msf_monai.bundle.evaluation_split``'s ``info``: the
             source site, its validation cases out of all, the split settings), kept in the summary.
+        dice, eval_slices: the Dice protocol (:func:`case_dice`): ``"volume"`` or ``"slice"``,
+            over ``"all"`` slices or the ``"foreground"`` ones (prostate in the label).
+        protocol: other facts of the protocol (e.g. ``eval_space``, the checkpoint policy),
+            written with ``dice`` and ``eval_slices`` into the summary's ``"protocol"``.
     """
 
     def __init__(
@@ -503,7 +536,16 @@ class PerCaseDiceWriter:
         site_key: str = "site",
         case_key: str = "case",
         split: Mapping | None = None,
+        dice: str = "volume",
+        eval_slices: str = "all",
+        protocol: Mapping | None = None,
     ):
+        if dice not in DICE_MODES:
+            raise ValueError(f"dice {dice!r}: must be one of {', '.join(DICE_MODES)}")
+        if eval_slices not in SLICE_MODES:
+            raise ValueError(f"eval_slices {eval_slices!r}: must be one of {', '.join(SLICE_MODES)}")
+        self.dice, self.eval_slices = dice, eval_slices
+        self.protocol = {**dict(protocol or {}), "dice": dice, "eval_slices": eval_slices}
         self.output_dir = Path(output_dir)
         self.split = dict(split) if split else None
         self.channel_names = list(channel_names)
@@ -524,7 +566,11 @@ class PerCaseDiceWriter:
             pred, label = out[Keys.PRED], out[Keys.LABEL]
             if pred.shape[0] != len(self.channel_names):
                 raise ValueError(f"prediction has {pred.shape[0]} channels but channel_names is {self.channel_names}")
-            dice = compute_dice(pred[None].float(), label[None].float(), include_background=True, ignore_empty=False)[0]
+            case = f"{item.get(self.site_key, '')}/{item.get(self.case_key, '')}"
+            if tuple(pred.shape) != tuple(label.shape):
+                raise ValueError(f"{case}: prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape; "
+                                 "the label file's grid does not match its image's")
+            dice = case_dice(pred, label, self.dice, self.eval_slices)
             row = {"site": str(item.get(self.site_key, "")), "case": str(item.get(self.case_key, ""))}
             row.update({name: float(d) for name, d in zip(self.channel_names, dice.tolist())})
             self.rows.append(row)
@@ -546,6 +592,7 @@ class PerCaseDiceWriter:
                 sites[site][name] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values))}
         self.summary = {
             "channels": self.channel_names,
+            "protocol": self.protocol,
             "sites": sites,
             "cases": self.rows,
         }

@@ -22,7 +22,8 @@ from monai.transforms import (
     Spacingd,
 )
 
-__all__ = ["GEOMETRY_DEFAULTS", "RESAMPLE_MODES", "SelectChanneld", "geometry_settings", "prostate_preprocessing", "spacing_canvas"]
+__all__ = ["GEOMETRY_DEFAULTS", "OriginalLabeld", "RESAMPLE_MODES", "SelectChanneld", "geometry_settings",
+           "prostate_preprocessing", "spacing_canvas"]
 
 #: how a volume's in-plane grid becomes ``image_size`` x ``image_size`` (see :func:`prostate_preprocessing`)
 RESAMPLE_MODES = ("resize", "spacing")
@@ -56,6 +57,33 @@ class SelectChanneld(MapTransform):
                 if not 0 <= int(channel) < img.shape[0]:
                     raise ValueError(f"{name}: has {img.shape[0]} channels, channel {channel} was asked for")
                 d[key] = img[int(channel) : int(channel) + 1]
+        return d
+
+
+class OriginalLabeld(MapTransform):
+    """Replace a preprocessed label by the case's label as stored, on the file's own grid: the
+    file named in the label's metadata (``filename_or_obj``), read with ``loader`` (the task's
+    preprocessing with ``original_grid=True``: loading and label conversion only). With the
+    prediction inverted by ``Invertd``, Dice is then computed in the scan's original geometry
+    instead of on the resized grid. The item's other plain entries (e.g. a fundus mask's
+    ``label_format``) reach ``loader``."""
+
+    def __init__(self, keys="label", loader=None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if loader is None:
+            raise ValueError("OriginalLabeld needs the loader that reads a label file")
+        self.loader = loader
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = (getattr(d[key], "meta", None) or {}).get("filename_or_obj")
+            if not path:
+                raise ValueError(f"'{key}' has no file name in its metadata: cannot read its original label "
+                                 "(evaluate with --eval_space resized)")
+            item = {k: v for k, v in d.items() if v is None or isinstance(v, (str, int, float, dict))}
+            item[key] = str(path)
+            d[key] = self.loader(item)[key]
         return d
 
 
@@ -97,6 +125,7 @@ def prostate_preprocessing(
     resample: str = "resize",
     pixel_spacing: float = 0.625,
     field_of_view: float = 140.0,
+    original_grid: bool = False,
 ) -> Compose:
     """Preprocessing of a prostate MRI volume (and its label, if ``"label"`` is in ``keys``).
 
@@ -119,20 +148,23 @@ def prostate_preprocessing(
          every scan and an organ has the same size in pixels whatever the scanner's field of view.
 
     Every step is invertible: inference and original-geometry evaluation put predictions back
-    on the scan's own grid with ``Invertd``.
+    on the scan's own grid with ``Invertd``. ``original_grid=True`` keeps steps 1 and 3 only
+    (a label as stored, zones merged, on the file's grid: what such a prediction is compared with).
     """
     if resample not in RESAMPLE_MODES:
         raise ValueError(f"resample {resample!r}: must be one of {', '.join(RESAMPLE_MODES)}")
     keys = list(keys)
     has_label = "label" in keys
     modes = ["area" if k == "image" else "nearest" for k in keys]
-    transforms = [
-        LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
-        SelectChanneld(keys="image"),
-        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-    ]
+    transforms = [LoadImaged(keys=keys, image_only=True, ensure_channel_first=True)]
+    if "image" in keys:
+        transforms.append(SelectChanneld(keys="image"))
+    if not original_grid:
+        transforms.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if has_label:
         transforms.append(AsDiscreted(keys="label", threshold=0.5))
+    if original_grid:
+        return Compose(transforms + [EnsureTyped(keys=keys, dtype="float32")])
     transforms += [
         ScaleIntensityRangePercentilesd(
             keys="image", lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True

@@ -76,6 +76,7 @@ def test_cup_inside_disc_after_post_processing(tmp_path):
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "evaluate.json"))
     parser["bundle_root"] = str(bundle)
+    parser["eval_space"] = "resized"  # plain tensors on the model's grid (nothing to invert)
     post = parser.get_parsed_content("postprocessing")
     logits = torch.randn(2, 32, 32) * 3  # independent random disc and cup: many cup pixels outside the disc
     raw = torch.sigmoid(logits) > 0.5

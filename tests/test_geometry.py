@@ -1,0 +1,168 @@
+"""In-plane geometry and the evaluation protocol: ``--resample spacing`` (organs keep their
+physical size whatever the scanner's field of view), predictions put back on the scan's own
+grid, Dice in the original geometry, per-volume vs per-slice Dice, and the geometry a model was
+trained with carried to the later phases, evaluation and inference."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import AsDiscrete, Invertd
+
+from bundle_utils import REPO, check, copy_bundle, run_bundle
+from msf_monai.bundle import ConfigValueError, check_geometry, trained_geometry
+from msf_monai.data import generate_demo_prostate
+from msf_monai.handlers import case_dice
+from msf_monai.training_record import write_training_record
+from msf_monai.transforms import geometry_settings, prostate_preprocessing, spacing_canvas
+
+RADIUS_MM = 15.0
+
+
+def _disc_volume(folder, name, spacing, size, slices=4):
+    """A bright disc of radius 15 mm in the middle of a ``size`` x ``size`` grid at ``spacing`` mm,
+    as image and label NIfTI files; returns the item."""
+    folder.mkdir(parents=True, exist_ok=True)
+    centre = (size - 1) / 2
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - centre) ** 2 + (xx - centre) ** 2) * spacing**2 <= RADIUS_MM**2
+    label = np.repeat(disc[..., None], slices, axis=-1).astype(np.uint8)
+    image = (100.0 + 400.0 * label + np.random.default_rng(0).normal(0, 5, label.shape)).astype(np.float32)
+    affine = np.diag([spacing, spacing, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), folder / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), folder / f"{name}_Segmentation.nii.gz")
+    return {"image": str(folder / f"{name}.nii.gz"), "label": str(folder / f"{name}_Segmentation.nii.gz")}
+
+
+def test_spacing_keeps_the_physical_size_resize_does_not(tmp_path):
+    # the same anatomy from a 120 mm (0.5 mm) and a 160 mm (0.8 mm) field of view
+    fine = _disc_volume(tmp_path, "fine", 0.5, 240)
+    coarse = _disc_volume(tmp_path, "coarse", 0.8, 200)
+
+    def area(item, **kw):
+        return float(prostate_preprocessing(64, **kw)(dict(item))["label"][..., 0].sum())
+
+    expected = np.pi * RADIUS_MM**2 / (140 / 64) ** 2  # the disc in pixels of 140/64 mm
+    for item in (fine, coarse):
+        assert area(item, resample="spacing") == pytest.approx(expected, rel=0.05)
+    # resizing each field of view to 64 pixels: the disc's size follows the field of view
+    assert area(fine, resample="resize") / area(coarse, resample="resize") == pytest.approx((160 / 120) ** 2, rel=0.05)
+
+
+@pytest.mark.parametrize("image_size", [64, 224])
+def test_spacing_predictions_go_back_to_the_original_grid(tmp_path, image_size):
+    """A prediction equal to the preprocessed label, inverted, is the original label on the
+    original grid (with and without the final resize: 224 is the 140 mm canvas itself)."""
+    item = _disc_volume(tmp_path, "case", 0.8, 200)
+    pre = prostate_preprocessing(image_size, resample="spacing")
+    data = pre(dict(item))
+    assert tuple(data["image"].shape) == (1, image_size, image_size, 4)
+    data["pred"] = data["label"].clone()
+    restored = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+    restored = AsDiscrete(threshold=0.5)(restored)[0].numpy() > 0
+    original = np.asarray(nib.load(item["label"]).dataobj) > 0
+    assert restored.shape == original.shape
+    dice = 2 * (restored & original).sum() / (restored.sum() + original.sum())
+    assert dice > (0.9 if image_size == 64 else 0.98)
+
+
+def test_geometry_settings_and_their_errors(tmp_path):
+    assert spacing_canvas(0.625, 140) == 224 and spacing_canvas(0.625, 240) == 384
+    assert geometry_settings("resize") is None
+    assert geometry_settings("spacing", 0.5, 200) == {"resample": "spacing", "pixel_spacing": 0.5, "field_of_view": 200.0}
+    with pytest.raises(ValueError, match="resample 'voxel'"):
+        geometry_settings("voxel")
+    with pytest.raises(ValueError, match="only 5 pixels"):
+        geometry_settings("spacing", 2.0, 10)
+    with pytest.raises(ValueError, match="must be positive"):
+        prostate_preprocessing(32, resample="spacing", pixel_spacing=0)
+    # a checkpoint's geometry comes from its training record; without one it is 'resize'
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"")
+    assert trained_geometry(checkpoint)["resample"] == "resize"
+    assert check_geometry(checkpoint, None)
+    write_training_record(checkpoint, {"image_size": 32, "geometry": geometry_settings("spacing", 0.625, 140)})
+    assert trained_geometry(checkpoint) == {"resample": "spacing", "pixel_spacing": 0.625, "field_of_view": 140.0}
+    assert check_geometry(checkpoint, geometry_settings("spacing", 0.625, 140))
+    with pytest.raises(ConfigValueError, match=r"--resample 'resize' \(trained with 'spacing'\).*--resample spacing --pixel_spacing 0.625 --field_of_view 140"):
+        check_geometry(checkpoint, None, "this evaluation")
+    with pytest.raises(ConfigValueError, match=r"--field_of_view 200.0 \(trained with 140.0\)"):
+        check_geometry(checkpoint, geometry_settings("spacing", 0.625, 200))
+
+
+def test_case_dice_protocols():
+    """A 4-slice case: slice 0 empty in both, slice 1 perfect, slice 2 half right, slice 3 a
+    false positive on an empty label."""
+    pred = torch.zeros(1, 4, 4, 4)
+    label = torch.zeros(1, 4, 4, 4)
+    label[0, :2, :2, 1] = pred[0, :2, :2, 1] = 1                    # 4 of 4: Dice 1
+    label[0, :2, :2, 2] = 1
+    pred[0, :2, :1, 2] = 1                                           # 2 of 4 found: Dice 2*2/(2+4)
+    pred[0, 3, 3, 3] = 1                                             # label empty: Dice 0
+    volume = 2 * (4 + 2) / ((4 + 2 + 1) + (4 + 4))
+    assert case_dice(pred, label).item() == pytest.approx(volume)
+    assert case_dice(pred, label, "slice").item() == pytest.approx((1 + 1 + 4 / 6 + 0) / 4)
+    assert case_dice(pred, label, "slice", "foreground").item() == pytest.approx((1 + 4 / 6) / 2)
+    assert case_dice(pred, label, "volume", "foreground").item() == pytest.approx(2 * 6 / (6 + 8))
+    # 2-D cases (fundus) are one slice: every protocol agrees
+    image_pred, image_label = pred[..., 2], label[..., 2]
+    values = {case_dice(image_pred, image_label, d, s).item() for d in ("volume", "slice") for s in ("all", "foreground")}
+    assert len(values) == 1 and values.pop() == pytest.approx(4 / 6)
+
+
+def _evaluate_postprocessing(tmp_path, eval_space):
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "prostate" / "configs" / "evaluate.json"))
+    parser.update({"bundle_root": str(REPO / "bundles" / "prostate"), "dataset_dir": str(tmp_path), "image_size": 32,
+                   "eval_space": eval_space, "resample": "resize", "pixel_spacing": 0.625, "field_of_view": 140})
+    return parser.get_parsed_content("preprocessing"), parser.get_parsed_content("postprocessing")
+
+
+@pytest.mark.parametrize("eval_space", ["original", "resized"])
+def test_original_geometry_dice_is_computed_on_the_scans_grid(tmp_path, eval_space):
+    """evaluate.json's post-processing on a 50 x 40 x 4 case (not the 32 x 32 grid): a prediction
+    of 'prostate everywhere' scores 2|L| / (N + |L|) with N the voxels of the grid Dice is
+    computed on, so the value says which grid that was."""
+    item = _disc_volume(tmp_path / "data", "case", 0.8, 50)
+    original = np.asarray(nib.load(item["label"]).dataobj) > 0
+    pre, post = _evaluate_postprocessing(tmp_path, eval_space)
+    data = pre(dict(item))
+    data["pred"] = torch.full_like(data["label"], 10.0)  # logits: sigmoid 1 everywhere
+    out = post(data)
+    dice = case_dice(out["pred"], out["label"]).item()
+    if eval_space == "original":
+        assert tuple(out["label"].shape) == (1, *original.shape)
+        assert torch.equal(out["label"][0].bool(), torch.as_tensor(original))
+        assert dice == pytest.approx(2 * original.sum() / (original.size + original.sum()), rel=1e-4)
+    else:
+        resized = data["label"].numpy() > 0
+        assert tuple(out["label"].shape) == (1, 32, 32, 4)
+        assert dice == pytest.approx(2 * resized.sum() / (resized.size + resized.sum()), rel=1e-4)
+
+
+def test_spacing_workflow_is_given_once_and_a_different_geometry_is_refused(tmp_path):
+    """Phase I trained with --resample spacing records it; evaluation follows it without being
+    told, writes its protocol, and refuses --resample resize with the flags to use."""
+    data = tmp_path / "data"
+    generate_demo_prostate(data, seed=1, cases_per_site=5, shape=(40, 40, 8))
+    bundle = copy_bundle("prostate", tmp_path)
+    common = ("--dataset_dir", str(data), "--source_site", "SiteA", "--image_size", "32")
+    check(run_bundle(tmp_path, "phase1", *common, "--batch_size", "8", "--epochs", "1", "--val_interval", "1",
+                     "--resample", "spacing", "--field_of_view", "120"))
+    record = json.loads((bundle / "models" / "phase1_model_training.json").read_text())
+    assert record["settings"]["geometry"] == {"resample": "spacing", "pixel_spacing": 0.625, "field_of_view": 120.0}
+    evaluate = (*common, "--checkpoint", "models/phase1_model.pt", "--style_shift", "false")
+    out = check(run_bundle(tmp_path, "evaluate", *evaluate, "--dice", "slice"))
+    assert "resampled to 0.625 mm and a 120 mm field of view" in out
+    summary = json.loads((bundle / "eval" / "phase1_model_summary.json").read_text())
+    assert summary["protocol"] == {"eval_space": "original", "checkpoint": "phase1_model.pt", "checkpoint_policy": "best",
+                                   "selected_on": "source validation", "dice": "slice", "eval_slices": "all"}
+    refused = run_bundle(tmp_path, "evaluate", *evaluate, "--resample", "resize")
+    assert refused.returncode != 0
+    assert "--resample 'resize' (trained with 'spacing')" in refused.stdout
+    assert "--resample spacing --pixel_spacing 0.625 --field_of_view 120.0" in refused.stdout
