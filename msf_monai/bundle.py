@@ -434,6 +434,7 @@ def evaluation_split(
     seed: int | None = None,
     val_fraction: float | None = None,
     dataset_dir: str | os.PathLike | None = None,
+    test_list: Sequence[dict] | None = None,
 ) -> dict:
     """The cases to evaluate a checkpoint on, and how they were chosen.
 
@@ -446,6 +447,10 @@ def evaluation_split(
     checkpoint) the given ``source_site`` is split with ``seed``/``val_fraction`` (defaults 0
     and 0.2); with no source site either, every case is evaluated and the summary says that
     none is known to be unseen by training.
+
+    ``test_list`` (the cases of ``--test_dirs``, :func:`msf_monai.data.external_datalist`)
+    replaces the other sites of ``datalist`` as the unseen part: the source validation patients
+    are still evaluated (from ``datalist``), then every test case.
 
     Returns ``{"cases": [...], "info": {...}}``; ``info`` (written into the evaluation
     summary) names the source site, the split settings, how many source cases were evaluated
@@ -480,9 +485,16 @@ def evaluation_split(
         if settings.get(key) is None:
             settings[key] = default
     info.update(settings)
+    if test_list is not None:
+        info["test_dirs"] = sorted({d["test_dir"] for d in test_list if "test_dir" in d})
     site = settings["source_site"]
+    sites = sorted({d["site"] for d in datalist})
+    if site is None and len(sites) == 1:  # a one-site data set is the source (as training takes it)
+        site = settings["source_site"] = info["source_site"] = sites[0]
     if site is None:
-        sites = sorted({d["site"] for d in datalist})
+        if test_list is not None:
+            info.update(source_cases=0, source_total=0)
+            return {"cases": list(test_list), "info": info}
         if len(sites) > 1:
             logging.getLogger("msf_monai.bundle").warning(
                 "no training record for %s and no --source_site: every case of %s is evaluated; if one of these sites "
@@ -493,9 +505,11 @@ def evaluation_split(
     _, source_val = split_by_patient(source, val_fraction=float(settings["val_fraction"]), seed=int(settings["seed"]))
     info.update(source_cases=len(source_val), source_total=len(source))
     logging.getLogger("msf_monai.bundle").info(
-        "evaluating the %d validation case(s) of source site %s (of %d; seed %s, val_fraction %s) and every case of the other sites",
-        len(source_val), site, len(source), settings["seed"], settings["val_fraction"])
-    return {"cases": list(source_val) + [d for d in datalist if d["site"] != site], "info": info}
+        "evaluating the %d validation case(s) of source site %s (of %d; seed %s, val_fraction %s) and every case of %s",
+        len(source_val), site, len(source), settings["seed"], settings["val_fraction"],
+        "the other sites" if test_list is None else f"the test folders ({len(test_list)})")
+    unseen = [d for d in datalist if d["site"] != site] if test_list is None else list(test_list)
+    return {"cases": list(source_val) + unseen, "info": info}
 
 
 def trained_geometry(checkpoint: str | os.PathLike) -> dict:

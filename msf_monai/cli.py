@@ -35,12 +35,16 @@ def as_bool(value, name: str = "value") -> bool:
 
 
 def fire_main(fn: Callable, argv: Sequence[str] | None = None):
-    """Run ``fn`` with ``fire`` on ``argv`` (default ``sys.argv[1:]``); ``-h``/``--help`` print the
-    help and exit 0 without running anything."""
+    """Run ``fn`` (a function, or a dict of commands) with ``fire`` on ``argv`` (default
+    ``sys.argv[1:]``); ``-h``/``--help`` print the help (of the named command, for a dict) and
+    exit 0 without running anything."""
     import fire
 
     args = list(sys.argv[1:] if argv is None else argv)
     options = args[: args.index("--")] if "--" in args else args
     if any(a in ("-h", "--help") for a in options):
-        return fire.Fire(fn, command=["--", "--help"])
+        # a command of a multi-command tool (``prepare_data.py msd_prostate --help``) gets its own help
+        words = [a for a in options if not a.startswith("-")]
+        command = words[:1] if isinstance(fn, dict) and words and words[0] in fn else []
+        return fire.Fire(fn, command=command + ["--", "--help"])
     return fire.Fire(fn, command=args)

@@ -45,12 +45,13 @@ def test_help_prints_and_exits_without_running(capsys):
 
 
 SCRIPTS = ["benchmark_dg.py", "evaluate.py", "style_gallery.py", "package_bundle.py", "prepare_sites.py",
-           "benchmark_speed.py", "build_configs.py"]
+           "benchmark_speed.py", "build_configs.py", "prepare_data.py msd_prostate", "prepare_data.py nci_isbi"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_answers_help_with_exit_0(script, tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], cwd=tmp_path, text=True,
+    name, *command = script.split()
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *command, "--help"], cwd=tmp_path, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "FLAGS" in proc.stdout or "POSITIONAL ARGUMENTS" in proc.stdout

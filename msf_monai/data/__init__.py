@@ -30,6 +30,7 @@ from .prostate_lists import (
     split_by_patient,
 )
 from .slices import SliceDataset, extract_slices
+from .external_sites import external_datalist, parse_test_dirs
 from .validation import DataCheck, DataValidationError, check_fundus_images, check_volumes
 from .synthetic_fundus import (
     DEMO_FUNDUS_DOMAINS,
@@ -64,6 +65,8 @@ __all__ = [
     "LAYOUTS",
     "DataListError",
     "build_datalist",
+    "external_datalist",
+    "parse_test_dirs",
     "detect_layout",
     "group_by_site",
     "image_files",
