@@ -242,12 +242,15 @@ def ablation_table(
 
 
 def summary_table(*summary_files: str, source_site: str | None = None, channel: str | None = None) -> str:
-    """Markdown table of the per-site mean Dice of each summary file (row name ``<name>`` of
-    ``<name>_summary.json``). ``source_site`` defaults to the one the summaries record (their
-    ``split``)."""
+    """Markdown table of the per-site mean Dice of the summary files: one row per name
+    ``<name>`` of ``<name>_summary.json``; files of the same name (the same model trained with
+    several seeds, ``seed*/eval/model_summary.json``) make one row, mean ± std over them.
+    ``source_site`` defaults to the one the summaries record (their ``split``)."""
     if not summary_files:
         raise ValueError("give at least one summary file")
-    results = {Path(f).name.removesuffix("_summary.json"): [load_summary(f)] for f in summary_files}
+    results: dict[str, list] = {}
+    for f in summary_files:
+        results.setdefault(Path(f).name.removesuffix("_summary.json"), []).append(load_summary(f))
     if source_site is None:
         recorded = {s[0].get("split", {}).get("source_site") for s in results.values()} - {None}
         source_site = recorded.pop() if len(recorded) == 1 else None
@@ -258,7 +261,8 @@ def main(*summary_files: str, source_site: str | None = None, channel: str | Non
     """Print the Dice table (%) of evaluation summaries (``eval/<name>_summary.json``).
 
     Args:
-        summary_files: one or more ``*_summary.json`` files written by ``evaluate.json``.
+        summary_files: one or more ``*_summary.json`` files written by ``evaluate.json``; files
+            of the same name (several seeds) are one row, mean ± std.
         source_site: the training site, shown first and left out of the unseen mean (default:
             the one the summaries record).
         channel: keep one structure only (fundus: ``disc`` or ``cup``).

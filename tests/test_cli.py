@@ -83,3 +83,22 @@ def test_report_cli_says_what_is_wrong_without_a_traceback(tmp_path):
     proc = report(tmp_path / "Net_summary.json")
     assert proc.returncode == 0, proc.stdout
     assert "| model | A (source) | B | unseen mean |" in proc.stdout and "| Net | 80.0 | 60.0 | 60.0 |" in proc.stdout
+
+
+def test_report_makes_one_row_of_the_seeds_of_a_model(tmp_path):
+    """``seed*/eval/model_summary.json``: one row per model name, mean ± std over the seeds."""
+    import json
+
+    from msf_monai.report import summary_table
+
+    files = []
+    for seed, (a, b) in enumerate([(0.8, 0.6), (0.9, 0.7)]):
+        folder = tmp_path / f"seed{seed}" / "eval"
+        folder.mkdir(parents=True)
+        summary = {"channels": ["prostate"], "split": {"source_site": "A"},
+                   "sites": {"A": {"n": 1, "prostate": {"mean": a, "std": 0}}, "B": {"n": 2, "prostate": {"mean": b, "std": 0}}}}
+        (folder / "model_summary.json").write_text(json.dumps(summary))
+        files.append(str(folder / "model_summary.json"))
+    table = summary_table(*files)
+    rows = [line for line in table.splitlines() if line.startswith("| model |")]
+    assert len(rows) == 1 and "85.0" in rows[0] and "65.0" in rows[0] and "±" in rows[0], table
