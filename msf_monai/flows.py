@@ -971,7 +971,7 @@ class StyleFlowBank(nn.Module):
                 for layer, obs in self.observed.items()
             },
         }
-        from .resume import atomic_save
+        from .files import atomic_save
 
         atomic_save(payload, path)
         self.metadata = payload["metadata"]

@@ -141,11 +141,9 @@ class StyleStatisticsRecorder:
         n = len(next(iter(self.stats.values()))["mean"]) if self.stats else 0
         logger.info("recorded style statistics of %d images at image-decoder layers %s", n, self.layers)
         if self.output_path is not None:
-            Path(self.output_path).parent.mkdir(parents=True, exist_ok=True)
-            arrays = {f"{s}_{k}": v[s] for k, v in self.stats.items() for s in ("mean", "var")}
-            tmp = f"{self.output_path}.tmp.npz"
-            np.savez(tmp, **arrays)
-            os.replace(tmp, self.output_path)
+            from .files import atomic_write_npz
+
+            atomic_write_npz(self.output_path, **{f"{s}_{k}": v[s] for k, v in self.stats.items() for s in ("mean", "var")})
             logger.info("saved style statistics to %s", self.output_path)
 
 
@@ -226,7 +224,8 @@ class StyleFlowFitter:
                           + (f" (state: {self.resume_path})" if self.resume_path is not None else ""))
 
     def _resume_state(self, digest: str) -> dict | None:
-        from msf_monai.resume import load_resume_state, remove_stale_temporaries, setting_differences
+        from msf_monai.files import remove_stale_temporaries
+        from msf_monai.resume import load_resume_state, setting_differences
 
         if self.resume_path is None:
             return None
@@ -257,7 +256,8 @@ class StyleFlowFitter:
         return flows
 
     def _save_state(self, flows: dict, digest: str, finished: bool = False) -> None:
-        from msf_monai.resume import RESUME_FORMAT, RESUME_VERSION, atomic_save, file_digest
+        from msf_monai.files import atomic_save, file_digest
+        from msf_monai.resume import RESUME_FORMAT, RESUME_VERSION
 
         if self.resume_path is None:
             return

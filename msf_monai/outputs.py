@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ignite.engine import Engine, Events
 
 from .bundle import ConfigValueError
 from .cli import as_bool
+from .files import atomic_write_json
 
 __all__ = ["RECORD_NAME", "InferenceRunRecord"]
 
@@ -155,9 +155,7 @@ class InferenceRunRecord:
         return self.record
 
     def _write(self) -> None:
-        tmp = self.record_file.with_name(self.record_file.name + ".tmp")
-        tmp.write_text(json.dumps(self.record, indent=2) + "\n")
-        os.replace(tmp, self.record_file)
+        atomic_write_json(self.record_file, self.record, indent=2)
 
     # evaluator handler ---------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:

@@ -1,9 +1,8 @@
 """Resumable training: full training checkpoints written atomically, and picked up again when
 the same command is run after a crash, a pre-empted GPU or a ``kill``.
 
-* :func:`atomic_save` -- ``torch.save`` to a temporary file in the target folder, flush,
-  ``fsync``, then ``os.replace``: a reader (or a resumed run) sees the old file or the new
-  one, never half a file.
+* States and models are written with :func:`msf_monai.files.atomic_save`: a reader (or a
+  resumed run) sees the old file or the new one, never half a file.
 * :class:`TrainingCheckpointer` -- ignite handler for the Phase I / III trainers. Every
   ``interval`` epochs it writes the *latest* full training state (network, optimizer, lr
   scheduler, epoch/iteration, best validation metric, torch/numpy/python RNG states) and,
@@ -38,7 +37,6 @@ import random
 import signal
 import sys
 import threading
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .files import atomic_save, file_digest, remove_stale_temporaries
 from .training_record import write_training_record
 
 __all__ = [
@@ -54,13 +53,10 @@ __all__ = [
     "PhaseFinishedError",
     "ResumeError",
     "TrainingCheckpointer",
-    "atomic_save",
     "check_resume",
-    "file_digest",
     "get_rng_states",
     "load_resume_state",
     "plain_settings",
-    "remove_stale_temporaries",
     "require_finished_run",
     "set_rng_states",
     "setting_differences",
@@ -71,7 +67,6 @@ logger = logging.getLogger("msf_monai.resume")
 
 RESUME_FORMAT = "msf_monai.resume"
 RESUME_VERSION = 1
-_TMP_PREFIX = ".tmp_"
 
 
 class ResumeError(SystemExit):
@@ -114,75 +109,6 @@ def exit_on_interrupt(engine: Engine, error: BaseException, message: str) -> Non
     if isinstance(error, KeyboardInterrupt):
         raise InterruptedRun(message) from None
     raise error
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic files
-# ---------------------------------------------------------------------------------------------
-def new_file_mode() -> int:
-    """The mode ``open()`` would give a new file (0o666 less the umask, e.g. 0o644), for files
-    written through a private temporary file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` atomically: temporary file in the same folder, flush, fsync,
-    ``os.replace``. The temporary file is removed if anything fails."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, new_file_mode())  # mkstemp creates files readable by their owner only
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable (not possible on every platform)
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
-    """Delete the temporary files that :func:`atomic_save` of ``path`` leaves behind when the
-    process is killed in the middle of a save; returns the removed paths."""
-    path = Path(path)
-    removed = []
-    if path.parent.is_dir():
-        for tmp in path.parent.glob(f"{_TMP_PREFIX}{path.name}.*"):
-            try:
-                tmp.unlink()
-                removed.append(str(tmp))
-            except OSError:
-                pass
-    if removed:
-        logger.info("removed %d unfinished temporary file(s) of an interrupted save: %s", len(removed), ", ".join(removed))
-    return removed
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha1") -> str:
-    """Hex digest of a file's content (e.g. the Phase I model a Phase II state was made from)."""
-    import hashlib
-
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

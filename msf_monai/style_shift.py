@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
+from .files import atomic_write_json
 from .flows import StyleFlowBank
 from .networks import DualDecoderNet
 
@@ -71,7 +72,7 @@ CALIBRATION_FORMAT = "msf_monai.style_shift/1"
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file (identifies the checkpoints a calibration belongs to)."""
-    from .resume import file_digest
+    from .files import file_digest
 
     return file_digest(path, "sha256")
 
@@ -212,10 +213,7 @@ def calibrate_style_shift(
         "flows_sha256": file_sha256(flow_checkpoint),
         "cases": cases,
     }
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{output_path}.tmp"
-    Path(tmp).write_text(json.dumps(result, indent=1))
-    os.replace(tmp, output_path)
+    atomic_write_json(output_path, result)
     logger.info(
         "style-shift threshold %.4f (%g quantile of %d source validation cases, mean %.4f) saved to %s",
         threshold, quantile, len(cases), result["val_mean"], output_path,

@@ -39,11 +39,10 @@ def training_record_file(checkpoint: str | os.PathLike) -> Path:
 
 def write_training_record(checkpoint: str | os.PathLike, settings: Mapping) -> Path:
     """Write (atomically) the settings of the run that trains ``checkpoint``."""
+    from .files import atomic_write_json
+
     path = training_record_file(checkpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"checkpoint": Path(checkpoint).name, "settings": dict(settings)}, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, {"checkpoint": Path(checkpoint).name, "settings": dict(settings)})
     return path
 
 

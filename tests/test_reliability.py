@@ -26,7 +26,8 @@ from msf_monai.bundle import ConfigValueError, PhaseError, check_settings
 from msf_monai.data import DataValidationError, check_fundus_images, check_volumes, prostate_datalist
 from msf_monai.flows import FlowFitError, StyleFlowBank, build_style_flow, fit_flow
 from msf_monai.networks import DualDecoderNet
-from msf_monai.resume import PhaseFinishedError, ResumeError, atomic_save, check_resume
+from msf_monai.files import atomic_save
+from msf_monai.resume import PhaseFinishedError, ResumeError, check_resume
 
 TINY = ("--image_size", "32", "--batch_size", "8", "--val_interval", "1")
 
@@ -449,7 +450,7 @@ def test_saved_files_get_the_usual_mode(tmp_path):
     """Files written through a private temporary file (training states, models, flows) get the
     mode a plain ``open()`` would give them, not mkstemp's owner-only 0600."""
     from msf_monai.flows import StyleFlowBank
-    from msf_monai.resume import atomic_save, new_file_mode
+    from msf_monai.files import atomic_save, new_file_mode
 
     old = os.umask(0o022)
     try:

@@ -28,7 +28,8 @@ from bundle_utils import REPO, check, copy_bundle, run_bundle
 from msf_monai.bundle import CheckpointLockedError, UnfinishedPhaseError
 from msf_monai.locks import CheckpointLock, lock_holder
 from msf_monai.networks import DualDecoderNet
-from msf_monai.resume import TrainingCheckpointer, atomic_save, file_digest, require_finished_run
+from msf_monai.files import atomic_save, file_digest
+from msf_monai.resume import TrainingCheckpointer, require_finished_run
 from test_reliability import TINY, tiny_dataset
 
 PHASE1_COMMAND = "python -m monai.bundle run --config_file bundles/prostate/configs/phase1.json"
