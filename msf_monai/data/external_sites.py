@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .prostate_lists import DataListError
+from .core import DataListError
 from .validation import exit_on_data_errors
 
 __all__ = ["external_datalist", "parse_test_dirs"]

@@ -44,9 +44,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .prostate_lists import (
-    DataListError, _broken_link, _check_root, _natural_key, _visible, broken_link_problem, same_output_name_problems,
-)
+from .core import DataListError, broken_link_problem, check_root, is_broken_link, is_visible, natural_key
+from .prostate_lists import same_output_name_problems
 from .validation import exit_on_data_errors
 
 __all__ = [
@@ -123,8 +122,8 @@ def _is_image_name(path: Path) -> bool:
 
 def _files(folder: Path) -> list[Path]:
     """Image files of ``folder``, broken symbolic links included (:func:`_readable` names them)."""
-    return sorted((p for p in folder.iterdir() if _visible(p) and (p.is_file() or _broken_link(p)) and _is_image_name(p)),
-                  key=lambda p: _natural_key(p.name))
+    return sorted((p for p in folder.iterdir() if is_visible(p) and (p.is_file() or is_broken_link(p)) and _is_image_name(p)),
+                  key=lambda p: natural_key(p.name))
 
 
 def _readable(path: Path, problems: list[str]) -> bool:
@@ -148,7 +147,7 @@ def _find_dir(parent: Path, names: Sequence[str]) -> Path | None:
     """The first sub-folder of ``parent`` whose name (case-insensitive) is in ``names``."""
     if not parent.is_dir():
         return None
-    subs = {p.name.lower(): p for p in parent.iterdir() if p.is_dir() and _visible(p)}
+    subs = {p.name.lower(): p for p in parent.iterdir() if p.is_dir() and is_visible(p)}
     for name in names:
         if name in subs:
             return subs[name]
@@ -166,7 +165,7 @@ def _pair(img_dir: Path, mask_dir: Path, site: str, split: str, label_format: st
 
     imgs, masks = by_stem(img_dir), by_stem(mask_dir)
     items = []
-    for stem in sorted(set(imgs) | set(masks), key=_natural_key):
+    for stem in sorted(set(imgs) | set(masks), key=natural_key):
         i, m = imgs.get(stem, []), masks.get(stem, [])
         if len(i) > 1:
             problems.append(f"several images for {stem!r}: " + ", ".join(map(str, i)))
@@ -208,9 +207,9 @@ def _is_domain_folder(path: Path) -> bool:
 def _domain_folders(path: Path) -> list[Path]:
     """``Domain*`` sub-folders (any capitalisation) in natural order, or ``[path]`` when
     ``path`` itself is one domain (has ``train/`` or ``test/``)."""
-    subs = [p for p in path.iterdir() if p.is_dir() and _visible(p)]
+    subs = [p for p in path.iterdir() if p.is_dir() and is_visible(p)]
     domains = sorted((p for p in subs if p.name.lower().startswith("domain")),
-                     key=lambda p: _natural_key(p.name))
+                     key=lambda p: natural_key(p.name))
     if domains:
         return domains
     if _is_domain_folder(path):
@@ -225,7 +224,7 @@ def list_fundus_domains(root) -> list[dict]:
     The ``ROIs`` level is optional; ``root`` may also be a single domain folder.  Sorted by
     domain, split (train, test), then name.
     """
-    path = _check_root(root)
+    path = check_root(root)
     problems: list[str] = []
     items: list[dict] = []
     domains = _domain_folders(path)
@@ -260,7 +259,7 @@ def list_drishti(root, site: str | None = None) -> list[dict]:
     """Items of a Drishti-GS style folder: ``images/<name>.png`` + ``masks/<name>.png``
     palette masks (0 background, 1 rim, 2 cup).  Site = ``site`` or the name of ``root``;
     split ``"train"``."""
-    path = _check_root(root)
+    path = check_root(root)
     problems: list[str] = []
     img_dir, mask_dir = _image_mask_dirs(path, problems)
     if problems:
@@ -282,7 +281,7 @@ def list_fundus_folder(root, mapping=None, site: str | None = None) -> list[dict
     convention (255 background, 128 rim, 0 cup).  Site = ``site`` or the name of ``root``;
     split ``"train"``.
     """
-    path = _check_root(root)
+    path = check_root(root)
     problems: list[str] = []
     mapping_json = None
     if mapping is not None:
@@ -328,7 +327,7 @@ def detect_fundus_layout(root) -> str:
     """``"domains"`` (``Domain*/`` sub-folders or ``train/``/``test/`` splits), ``"drishti"``
     (``images/`` + ``masks/`` holding palette PNGs or values <= 2) or ``"folder"`` (anything
     else)."""
-    path = _check_root(root)
+    path = check_root(root)
     if _domain_folders(path):
         return "domains"
     img_dir = _find_dir(path, ("images", "image"))
@@ -386,7 +385,7 @@ def fundus_image_files(folder) -> list[dict]:
     """Inference list: every image file (PNG, JPEG, BMP, TIFF) directly in ``folder``, as
     ``{"image": path, "case": stem}`` items. Two files of the same stem (``x.png`` and
     ``x.jpg``) would write one mask: they are refused, naming both."""
-    path = _check_root(folder)
+    path = check_root(folder)
     items = [{"image": str(p), "case": p.stem} for p in _files(path)]
     if not items:
         raise DataListError([f"no image files ({', '.join(FUNDUS_IMAGE_EXTENSIONS)}) in {path}"],

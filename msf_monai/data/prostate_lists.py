@@ -28,11 +28,22 @@ image, unreadable headers...) are collected and raised once as :class:`DataListE
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from .core import (
+    DataListError,
+    broken_link_problem,
+    check_root,
+    group_by_site,
+    is_broken_link,
+    is_visible,
+    natural_key,
+    patient_key,
+    split_by_patient,
+)
+from .validation import exit_on_data_errors
 
 __all__ = [
     "DataListError",
@@ -56,21 +67,6 @@ LAYOUTS: tuple[str, ...] = ("decathlon", "multisite", "folder")
 DECATHLON_SITE = "Decathlon"
 
 _LABEL_RE = re.compile(r"^(?P<case>.+?)_segmentation$", re.IGNORECASE)
-_IGNORED_DIRS = {"__macosx"}
-
-
-class DataListError(ValueError):
-    """Problems found while building a data list; ``problems`` lists each one."""
-
-    def __init__(self, problems: Sequence[str] | str, root=None):
-        if isinstance(problems, str):
-            problems = [problems]
-        self.problems: list[str] = list(problems)
-        self.root = None if root is None else str(root)
-        where = f" in {self.root}" if self.root else ""
-        n = len(self.problems)
-        head = f"{n} problem{'s' if n != 1 else ''} found{where}:"
-        super().__init__("\n".join([head] + [f"  - {p}" for p in self.problems]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,37 +80,12 @@ def _split_ext(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _natural_key(text: str):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
-
-
-def _visible(path: Path) -> bool:
-    """False for hidden files, macOS ``._`` resource forks and ``__MACOSX`` folders."""
-    return not path.name.startswith(".") and path.name.lower() not in _IGNORED_DIRS
-
-
-def _broken_link(path: Path) -> bool:
-    """A symbolic link whose target is missing (or that loops back on itself)."""
-    return path.is_symlink() and not path.exists()
-
-
-def broken_link_problem(path: Path) -> str | None:
-    """The problem text for a broken symbolic link, else ``None``."""
-    if not _broken_link(path):
-        return None
-    try:
-        target = os.readlink(path)
-    except OSError:
-        target = "?"
-    return f"broken symbolic link: {path} -> {target} (its target is missing or the link loops)"
-
-
 def _image_files(folder: Path) -> list[Path]:
     """Case files of ``folder``, broken symbolic links included (so that the pairing names the
     link, not its partner as unpaired; :func:`_make_item` reports it)."""
     return sorted((p for p in folder.iterdir()
-                   if _visible(p) and (p.is_file() or _broken_link(p)) and _split_ext(p.name) is not None),
-                  key=lambda p: _natural_key(p.name))
+                   if is_visible(p) and (p.is_file() or is_broken_link(p)) and _split_ext(p.name) is not None),
+                  key=lambda p: natural_key(p.name))
 
 
 def same_output_name_problems(named: Sequence[tuple[str, Path]]) -> list[str]:
@@ -135,19 +106,6 @@ def same_output_name_problems(named: Sequence[tuple[str, Path]]) -> list[str]:
                             f"{' / '.join(repr(n) for n in names)}){case}: {', '.join(str(p) for _, p in group)}; "
                             "keep one of them in the input folder, or rename the others")
     return problems
-
-
-def _check_root(root) -> Path:
-    if root is None or str(root) == "":
-        raise DataListError(["no data root given"])
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise DataListError([f"data root does not exist: {path}"], root=path)
-    if not path.is_dir():
-        raise DataListError([f"data root is not a folder: {path}"], root=path)
-    if not any(_visible(p) for p in path.iterdir()):
-        raise DataListError([f"data root is empty: {path}"], root=path)
-    return path.absolute()
 
 
 def _read_text_header(path: Path, limit: int = 65536) -> str:
@@ -230,7 +188,7 @@ def _scan_case_folder(folder: Path, site: str, problems: list[str]) -> tuple[lis
         else:
             images.setdefault(stem, []).append(p)
     items = []
-    for case in sorted(set(images) | set(labels), key=_natural_key):
+    for case in sorted(set(images) | set(labels), key=natural_key):
         imgs, labs = images.get(case, []), labels.get(case, [])
         if len(imgs) > 1:
             problems.append(f"several images for case {case!r}: " + ", ".join(map(str, imgs)))
@@ -255,13 +213,13 @@ def list_multisite(root) -> list[dict]:
     Case files directly inside ``root`` are listed too, with ``site`` = the name of ``root``.
     Sub-folders without any image file are ignored.  Sorted by site, then case.
     """
-    path = _check_root(root)
+    path = check_root(root)
     problems: list[str] = []
     items: list[dict] = []
     top, _ = _scan_case_folder(path, path.name, problems)
     items.extend(top)
-    for sub in sorted((p for p in path.iterdir() if p.is_dir() and _visible(p)),
-                      key=lambda p: _natural_key(p.name)):
+    for sub in sorted((p for p in path.iterdir() if p.is_dir() and is_visible(p)),
+                      key=lambda p: natural_key(p.name)):
         found, _ = _scan_case_folder(sub, sub.name, problems)
         items.extend(found)
     if not items and not problems:
@@ -270,12 +228,6 @@ def list_multisite(root) -> list[dict]:
     if problems:
         raise DataListError(problems, root=path)
     return items
-
-
-def _exit_on_data_errors(fn):
-    from .validation import exit_on_data_errors  # validation imports this module
-
-    return exit_on_data_errors(fn)
 
 
 def _decathlon_t2_channel(path: Path, problems: list[str]) -> int:
@@ -315,7 +267,7 @@ def list_decathlon(root) -> list[dict]:
     are ignored.  4-D images get ``"channel"``: the T2 channel from ``dataset.json``
     (``modality``), 0 when not stated.  Site ``"Decathlon"``, case = file name stem.
     """
-    path = _check_root(root)
+    path = check_root(root)
     problems: list[str] = []
     img_dir, lab_dir = _image_label_folders(path, "imagesTr", "labelsTr")
     channel = layout_channel(img_dir, problems)
@@ -347,7 +299,7 @@ def _pair_folders(img_dir: Path, lab_dir: Path, site: str, problems: list[str],
 
     imgs, labs = by_stem(img_dir), by_stem(lab_dir)
     items = []
-    for stem in sorted(set(imgs) | set(labs), key=_natural_key):
+    for stem in sorted(set(imgs) | set(labs), key=natural_key):
         i, lab = imgs.get(stem, []), labs.get(stem, [])
         if len(i) > 1 and lab:
             exact = [p for p in i if any(q.name == p.name for q in lab)]
@@ -370,7 +322,7 @@ def _pair_folders(img_dir: Path, lab_dir: Path, site: str, problems: list[str],
 
 def list_image_label_folder(root) -> list[dict]:
     """Items of ``<root>/images/<name>`` + ``<root>/labels/<name>``; site = name of ``root``."""
-    path = _check_root(root)
+    path = check_root(root)
     problems: list[str] = []
     img_dir, lab_dir = _image_label_folders(path, "images", "labels")
     items = _pair_folders(img_dir, lab_dir, path.name, problems)
@@ -384,7 +336,7 @@ def list_image_label_folder(root) -> list[dict]:
 def detect_layout(root) -> str:
     """``"decathlon"`` (has ``imagesTr/``), ``"folder"`` (``images/`` and ``labels/``) or
     ``"multisite"`` (anything else)."""
-    path = _check_root(root)
+    path = check_root(root)
     if (path / "imagesTr").is_dir():
         return "decathlon"
     if (path / "images").is_dir() and (path / "labels").is_dir():
@@ -409,72 +361,7 @@ def build_datalist(root, layout: str = "auto") -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # splitting / grouping
 # --------------------------------------------------------------------------------------------
-def patient_key(item: Mapping) -> tuple[str, str]:
-    """The patient identity of an item: ``(site, case)``.
-
-    Case ids restart in every site of the multi-site layout (``BIDMC/Case00`` and
-    ``HK/Case00`` are different patients), so the site is part of the key.
-    """
-    return (str(item.get("site", "")), str(item["case"]))
-
-
-def split_by_patient(items: Iterable[Mapping], val_fraction: float = 0.2,
-                     seed: int = 0) -> tuple[list, list]:
-    """Split items into (train, val) so that no patient is in both.
-
-    Patients (see :func:`patient_key`) are shuffled with ``seed`` (independently of the input
-    order) and drawn per site in proportion, so every site keeps its share.  With
-    ``val_fraction > 0`` and at least two patients, val holds at least one patient and train
-    at least one.  Items keep their input order inside each part.
-    """
-    items = list(items)
-    vf = float(val_fraction)
-    if not 0.0 <= vf < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    by_site: dict[str, list[tuple[str, str]]] = {}
-    for key in sorted({patient_key(it) for it in items},
-                      key=lambda k: (_natural_key(k[0]), _natural_key(k[1]))):
-        by_site.setdefault(key[0], []).append(key)
-    n_total = sum(len(v) for v in by_site.values())
-    n_val = int(round(vf * n_total))
-    if vf > 0 and n_total >= 2:
-        n_val = min(max(n_val, 1), n_total - 1)
-    rng = random.Random(int(seed))
-    for keys in by_site.values():
-        rng.shuffle(keys)
-    # proportional allocation per site (largest remainder), then take the first keys
-    quota = {s: vf * len(k) for s, k in by_site.items()}
-    alloc = {s: min(int(q), len(by_site[s])) for s, q in quota.items()}
-    rest = n_val - sum(alloc.values())
-    order = sorted(by_site, key=lambda s: (-(quota[s] - int(quota[s])), rng.random()))
-    while rest > 0:
-        progressed = False
-        for s in order:
-            if rest > 0 and alloc[s] < len(by_site[s]):
-                alloc[s] += 1
-                rest -= 1
-                progressed = True
-        if not progressed:
-            break
-    while rest < 0:  # rounding gave too many: take back from the largest allocations
-        s = max(alloc, key=lambda k: alloc[k])
-        alloc[s] -= 1
-        rest += 1
-    val_keys = {k for s, keys in by_site.items() for k in keys[: alloc[s]]}
-    train = [it for it in items if patient_key(it) not in val_keys]
-    val = [it for it in items if patient_key(it) in val_keys]
-    return train, val
-
-
-def group_by_site(items: Iterable[Mapping]) -> dict[str, list]:
-    """``{site: [items]}`` with sites in natural sort order, items in input order."""
-    groups: dict[str, list] = {}
-    for it in items:
-        groups.setdefault(str(it.get("site", "")), []).append(it)
-    return {s: groups[s] for s in sorted(groups, key=_natural_key)}
-
-
-@_exit_on_data_errors
+@exit_on_data_errors
 def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_seed: int = 0) -> list[dict]:
     """The bundles' entry point: the data list of ``dataset_dir``.
 
@@ -493,7 +380,7 @@ def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_see
     return build_datalist(dataset_dir, layout=layout)
 
 
-@_exit_on_data_errors
+@exit_on_data_errors
 def image_files(folder) -> list[dict]:
     """Inference list: every image file of ``folder`` (NIfTI, MetaImage, NRRD) that is not a
     label (``*_segmentation``), as ``{"image": path, "case": name}`` items, plus ``"channel"``
@@ -501,7 +388,7 @@ def image_files(folder) -> list[dict]:
     (:func:`layout_channel`). Two files of the same name with different extensions
     (``Case00.nii`` and ``Case00.nii.gz``) would write one mask: they are refused, naming both
     (:func:`same_output_name_problems`)."""
-    path = _check_root(folder)
+    path = check_root(folder)
     problems: list[str] = []
     channel = layout_channel(path, problems)
     items = []

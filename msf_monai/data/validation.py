@@ -14,7 +14,7 @@ exit and no traceback.
 * :func:`check_fundus_images` -- fundus photographs and masks (PNG, JPEG, ...): unreadable or
   truncated files, image/mask size mismatch, mask values outside the label format's set,
   masks that mark every pixel, images smaller than the minimum size, no optic disc (warning).
-* :func:`exit_on_data_errors` -- turns the :class:`~msf_monai.data.prostate_lists.DataListError`
+* :func:`exit_on_data_errors` -- turns the :class:`~msf_monai.data.core.DataListError`
   of the bundles' list builders (missing or empty ``dataset_dir``, image without label, label
   without image, ...) into the same clean error.
 """
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .prostate_lists import DataListError
+from .core import DataListError
 
 __all__ = [
     "MIN_IMAGE_SIZE",
