@@ -26,6 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from msf_monai.data import prepare  # noqa: E402
 
 
+def _run(prepare_one, *args) -> dict[str, int]:
+    """A preparation, with its problem (if any) as a clean message and exit status 1."""
+    try:
+        return prepare_one(*args)
+    except prepare.PreparationError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def _report(counts: dict[str, int], dest) -> None:
     total = sum(counts.values())
     print(", ".join(f"{site}: {n}" for site, n in counts.items()) + f" ({total} cases) in {Path(dest).expanduser().absolute()}")
@@ -49,7 +57,7 @@ def msd_prostate(source: str, dest: str, download: bool = False, overwrite: bool
 
         Path(source).mkdir(parents=True, exist_ok=True)
         DecathlonDataset(root_dir=source, task="Task05_Prostate", section="training", download=True, cache_rate=0.0)
-    _report(prepare.prepare_msd_prostate(source, dest, as_bool(overwrite, "--overwrite")), dest)
+    _report(_run(prepare.prepare_msd_prostate, source, dest, as_bool(overwrite, "--overwrite")), dest)
 
 
 def multisite_prostate(source: str, dest: str, overwrite: bool = False) -> None:
@@ -57,7 +65,7 @@ def multisite_prostate(source: str, dest: str, overwrite: bool = False) -> None:
     ``dest/<site>/CaseNN.nii.gz`` + ``CaseNN_segmentation.nii.gz`` (zones merged)."""
     from msf_monai.cli import as_bool
 
-    _report(prepare.prepare_multisite_prostate(source, dest, as_bool(overwrite, "--overwrite")), dest)
+    _report(_run(prepare.prepare_multisite_prostate, source, dest, as_bool(overwrite, "--overwrite")), dest)
 
 
 def nci_isbi(source: str, dest: str, sites="SiteA=0-28,SiteB=29-38", overwrite: bool = False) -> None:
@@ -65,7 +73,7 @@ def nci_isbi(source: str, dest: str, sites="SiteA=0-28,SiteB=29-38", overwrite: 
     (``--sites NAME=FIRST-LAST,...``; the default: its two acquisition protocols), zones merged."""
     from msf_monai.cli import as_bool
 
-    _report(prepare.prepare_nci_isbi(source, dest, sites, as_bool(overwrite, "--overwrite")), dest)
+    _report(_run(prepare.prepare_nci_isbi, source, dest, sites, as_bool(overwrite, "--overwrite")), dest)
 
 
 def fundus_5domain(source: str, dest: str, overwrite: bool = False) -> None:
@@ -73,7 +81,7 @@ def fundus_5domain(source: str, dest: str, overwrite: bool = False) -> None:
     folder) -> ``dest``, checked image by image."""
     from msf_monai.cli import as_bool
 
-    _report(prepare.prepare_fundus_5domain(source, dest, as_bool(overwrite, "--overwrite")), dest)
+    _report(_run(prepare.prepare_fundus_5domain, source, dest, as_bool(overwrite, "--overwrite")), dest)
 
 
 if __name__ == "__main__":

@@ -35,16 +35,10 @@ MULTISITE_PROSTATE_SITES = ("BIDMC", "BMC", "HK", "I2CVB", "ISBI", "ISBI_1.5")
 _CASE = re.compile(r"^(Case\d+)\.(nii\.gz|nii)$", re.IGNORECASE)
 
 
-class PreparationError(SystemExit):
-    """A source that is not the expected data set (wrong or incomplete archive), found before
-    anything is written: the message names what is missing. Exit status 1, no traceback."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+class PreparationError(ValueError):
+    """A source that is not the expected data set (wrong or incomplete archive, unreadable
+    label, occupied destination): the message names what is wrong. ``scripts/prepare_data.py``
+    prints it and exits with status 1."""
 
 
 @contextmanager
