@@ -33,6 +33,28 @@ def load_summary(path: str | Path) -> dict:
     return summary
 
 
+def protocol_text(summaries) -> str:
+    """One line saying how the Dice of these evaluation summaries was computed (their
+    ``protocol``: where, per volume or per slice, which slices, which checkpoint), for every
+    table; protocols that differ between summaries are all listed, so a table never mixes them
+    silently. Summaries written before the protocol was recorded (bundles < 0.5.0) were
+    computed per volume, on all slices, on the resized grid, with the best checkpoint."""
+    seen: list[str] = []
+    for summary in summaries:
+        p = summary.get("protocol")
+        if p is None:
+            text = "per volume, all slices, resized grid, best checkpoint on source validation (recorded before 0.5.0)"
+        else:
+            where = "each scan's original geometry" if p.get("eval_space") == "original" else "the resized grid"
+            text = (f"per {p.get('dice', 'volume')}, {p.get('eval_slices', 'all')} slices, {where}, "
+                    f"{p.get('checkpoint_policy', 'best')} checkpoint on {p.get('selected_on', 'source validation')}")
+        if text not in seen:
+            seen.append(text)
+    if not seen:
+        return ""
+    return "Protocol: Dice " + ("; MIXED: ".join(seen) if len(seen) > 1 else seen[0]) + "."
+
+
 @dataclass
 class DGTable:
     """Per-row, per-domain, per-structure Dice (fractions): ``mean[row][domain]`` is a list with
@@ -254,7 +276,8 @@ def summary_table(*summary_files: str, source_site: str | None = None, channel: 
     if source_site is None:
         recorded = {s[0].get("split", {}).get("source_site") for s in results.values()} - {None}
         source_site = recorded.pop() if len(recorded) == 1 else None
-    return dg_table(results, source_site=source_site, channel=channel).markdown()
+    table = dg_table(results, source_site=source_site, channel=channel).markdown()
+    return table + "\n\n" + protocol_text([s for runs in results.values() for s in runs])
 
 
 def main(*summary_files: str, source_site: str | None = None, channel: str | None = None) -> None:

@@ -221,7 +221,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         overrides: other config ids for every run (``--dataset_dir``, ``--epochs``, ``--image_size``, ...).
     """
     from msf_monai.cli import as_bool
-    from msf_monai.report import ablation_table
+    from msf_monai.report import ablation_table, load_summary, protocol_text
 
     gallery, reuse, train = as_bool(gallery, "--gallery"), as_bool(reuse, "--reuse"), as_bool(train, "--train")
     reuse = reuse or not train
@@ -269,6 +269,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
             return
         print(write_table(done, work, source, f"{root.name}: Dice per domain ({n_seeds} seed(s))"), flush=True)
         table = ablation_table(done, source_site=source, perturbations=perturbations, seeds=seeds_of)
+        table += "\n\n" + protocol_text([load_summary(p) for v in done.values() for p in v])
         (work / "ablation.md").write_text(table + "\n")
         print(table, flush=True)
 

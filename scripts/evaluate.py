@@ -152,13 +152,14 @@ def recorded_source_site(summaries: Iterable[Path]) -> str | None:
 
 def write_table(results: Mapping[str, Sequence[Path]], output_dir: str | Path, source_site: str | None, title: str) -> str:
     """Write ``dg_table.{md,csv,png}`` for ``{row: [summary files]}``; returns the markdown."""
-    from msf_monai.report import dg_table, load_summary
+    from msf_monai.report import dg_table, load_summary, protocol_text
     from msf_monai.style_shift import flagged_shares
 
-    table = dg_table({k: [load_summary(p) for p in v] for k, v in results.items()}, source_site=source_site)
+    summaries = {k: [load_summary(p) for p in v] for k, v in results.items()}
+    table = dg_table(summaries, source_site=source_site)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = table.markdown()
+    text = table.markdown() + "\n\n" + protocol_text([s for runs in summaries.values() for s in runs])
     flags = flagged_shares(out / "per_case" / "style_shift.csv")
     if flags:
         text += "\n\n" + flags

@@ -102,3 +102,23 @@ def test_report_makes_one_row_of_the_seeds_of_a_model(tmp_path):
     table = summary_table(*files)
     rows = [line for line in table.splitlines() if line.startswith("| model |")]
     assert len(rows) == 1 and "85.0" in rows[0] and "65.0" in rows[0] and "±" in rows[0], table
+
+
+def test_every_table_states_its_dice_protocol(tmp_path):
+    """The protocol of the summaries under the table; differing protocols are flagged, and
+    summaries from before 0.5.0 (no protocol recorded) are named as such."""
+    import json
+
+    from msf_monai.report import summary_table
+
+    base = {"channels": ["prostate"], "split": {"source_site": "A"},
+            "sites": {"A": {"n": 1, "prostate": {"mean": 0.8, "std": 0}}, "B": {"n": 1, "prostate": {"mean": 0.6, "std": 0}}}}
+    original = {"eval_space": "original", "dice": "volume", "eval_slices": "all", "checkpoint_policy": "best",
+                "selected_on": "source validation"}
+    (tmp_path / "X_summary.json").write_text(json.dumps(dict(base, protocol=original)))
+    (tmp_path / "Y_summary.json").write_text(json.dumps(dict(base, protocol=dict(original, dice="slice", eval_space="resized"))))
+    (tmp_path / "Old_summary.json").write_text(json.dumps(base))
+    one = summary_table(str(tmp_path / "X_summary.json"))
+    assert one.endswith("Protocol: Dice per volume, all slices, each scan's original geometry, best checkpoint on source validation.")
+    mixed = summary_table(*(str(tmp_path / f"{n}_summary.json") for n in ("X", "Y", "Old")))
+    assert "MIXED" in mixed and "per slice, all slices, the resized grid" in mixed and "recorded before 0.5.0" in mixed

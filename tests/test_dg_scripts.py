@@ -73,6 +73,8 @@ def test_benchmark_script_trains_evaluates_and_tabulates(tmp_path):
     assert [r["model"] for r in rows] == ["Baseline", "RandConv always"]
     ablation = (work / "ablation.md").read_text()
     assert "| RandConv always | 1 |" in ablation and "sign test p" in ablation
+    assert "Protocol: Dice per volume, all slices, each scan's original geometry, best checkpoint" in ablation
+    assert "Protocol: Dice per volume" in (work / "dg_table.md").read_text()
     assert not (work / "style_gallery.png").exists()  # --gallery false means no gallery
     log = (work / "seed0" / "logs" / "phase1.log").read_text()
     assert "train_fraction 0.50" in log  # the low-data regime reached the training run
