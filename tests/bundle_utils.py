@@ -34,3 +34,20 @@ def check(proc: subprocess.CompletedProcess) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
     return proc.stdout
+
+
+def inverted_label_dice(preprocessing, item: dict) -> float:
+    """Dice, on the original grid, between a case's label file and its preprocessed label put
+    back with ``Invertd`` (as inference puts predictions back): how well the preprocessing's
+    geometry inverts. Fails if the restored mask is not on the original grid."""
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import AsDiscrete, Invertd
+
+    data = preprocessing(dict(item))
+    data["pred"] = data["label"].clone()
+    restored = Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)["pred"]
+    restored = AsDiscrete(threshold=0.5)(restored)[0].numpy() > 0
+    original = np.asarray(nib.load(item["label"]).dataobj) > 0
+    assert restored.shape == original.shape
+    return float(2 * (restored & original).sum() / (restored.sum() + original.sum()))
