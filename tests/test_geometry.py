@@ -158,3 +158,10 @@ def test_spacing_workflow_is_given_once_and_a_different_geometry_is_refused(tmp_
     assert refused.returncode != 0
     assert "--resample 'resize' (trained with 'spacing')" in refused.stdout
     assert "--resample spacing --pixel_spacing 0.625 --field_of_view 120.0" in refused.stdout
+    # inference follows the training geometry too, and writes masks on each scan's own grid
+    out = check(run_bundle(tmp_path, "inference", "--input_dir", str(data / "SiteB"), "--image_size", "32",
+                           "--checkpoint", "models/phase1_model.pt", "--style_shift", "false"))
+    assert "resampled to 0.625 mm and a 120 mm field of view" in out
+    for image in sorted((data / "SiteB").glob("Case??.nii.gz")):
+        mask = nib.load(bundle / "inference" / image.name.replace(".nii.gz", "_seg.nii.gz"))
+        assert mask.shape == nib.load(image).shape
