@@ -3,14 +3,14 @@
 Phase II fits two flows per style layer (six for the paper's three layers). Each is small (16 to
 64 features, batch 20), so fitting them one after another spends its time on per-operation
 overhead, not arithmetic. :class:`FlowStack` copies flows built by
-:func:`msf_monai.flows.build_style_flow` into stacked tensors with a leading flow dimension
+:func:`msf_monai.flow_model.build_style_flow` into stacked tensors with a leading flow dimension
 (features and hidden widths zero-padded to the widest flow) and evaluates all of them with
 batched matrix products. The padding is exact: masks keep padded and conditioning features out of
 the likelihood and out of the couplings, so padded weights get zero gradients and AdamW (an
 element-wise update) leaves them at zero. Per flow, the sum of the losses has the flow's own
 gradient, so with the same batches the joint fit takes the same steps as separate fits.
 
-:func:`fit_flows_jointly` is :func:`msf_monai.flows.fit_flow` for a list of flows: the same
+:func:`fit_flows_jointly` is :func:`msf_monai.flow_fit.fit_flow` for a list of flows: the same
 shuffling (one generator per flow, seeded alike), ActNorm initialisation, per-flow gradient-norm
 clipping, early stopping per flow and resumable state. When it ends the weights are copied back
 into the nflows modules, so sampling, scores and the checkpoint format do not change.
@@ -44,7 +44,7 @@ def _steps(flow: Flow) -> list[nn.Module]:
 class FlowStack(nn.Module):
     """``G`` style flows of the same structure as one module with stacked parameters.
 
-    ``flows``: flows made by :func:`msf_monai.flows.build_style_flow` with the same number of
+    ``flows``: flows made by :func:`msf_monai.flow_model.build_style_flow` with the same number of
     blocks, the same input-ActNorm choice, scale clamp and base distribution; feature counts
     and hidden widths may differ. :meth:`log_prob` takes ``[G, B, C_max]`` (flow ``g``'s
     features first, zeros after) and returns ``[G, B]``. :meth:`write_back` copies the stacked
@@ -53,7 +53,7 @@ class FlowStack(nn.Module):
 
     def __init__(self, flows: Sequence[Flow]):
         super().__init__()
-        from msf_monai.flows import ClampedAffineCoupling, CouplingMLP
+        from msf_monai.flow_model import ClampedAffineCoupling, CouplingMLP
 
         if not flows:
             raise ValueError("FlowStack needs at least one flow")
@@ -243,7 +243,7 @@ def _clip_per_flow(flat: torch.Tensor, max_norm: float | None) -> torch.Tensor:
 
 
 def _diverged(name: str, detail: str):
-    from msf_monai.flows import FlowFitError
+    from msf_monai.flow_fit import FlowFitError
 
     err = FlowFitError(f"{name}: flow fit diverged: {detail}")
     err.flow_name, err.detail = name, f"flow fit diverged: {detail}"
@@ -274,11 +274,11 @@ def fit_flows_jointly(
     ``data``: validated float32 ``[N, C_g]`` tables with the same ``N``; ``val_data`` likewise
     (or ``None``). ``seeds[g]`` seeds flow ``g``'s shuffling exactly as ``fit_flow(seed=...)``
     does; ``names`` label flows in logs and errors. Returns one history per flow in
-    :func:`msf_monai.flows.fit_flow`'s format. The state given to ``on_checkpoint`` (every
+    :func:`msf_monai.flow_fit.fit_flow`'s format. The state given to ``on_checkpoint`` (every
     ``checkpoint_every`` epochs and when the fit ends, ``"finished": True``) can be passed back
     as ``resume_state`` to continue with the same result as an uninterrupted fit.
     """
-    from msf_monai.flows import check_fit_settings, detached_cpu_copy, initialise_actnorms
+    from msf_monai.flow_fit import check_fit_settings, detached_cpu_copy, initialise_actnorms
 
     check_fit_settings(epochs, batch_size, lr)
     log = logger or _LOGGER

@@ -268,7 +268,7 @@ class StyleFlowFitter:
 
     def __call__(self, engine: Engine) -> None:
         from msf_monai.bundle import PhaseError
-        from msf_monai.flows import FlowFitError
+        from msf_monai.flow_fit import FlowFitError
 
         self._fitting = True
         stats = self.recorder.stats

@@ -10,7 +10,9 @@ import torch
 from nflows.transforms import ActNorm
 
 from msf_monai.flow_stack import FlowStack, fit_flows_jointly
-from msf_monai.flows import FlowFitError, StyleFlowBank, build_style_flow
+from msf_monai.flow_fit import FlowFitError
+from msf_monai.flow_model import build_style_flow
+from msf_monai.flows import StyleFlowBank
 
 
 def _stats(n=60, seed=0, layers=None):

@@ -11,15 +11,9 @@ import pytest
 import torch
 from nflows.transforms import ActNorm
 
-from msf_monai.flows import (
-    ClampedAffineCoupling,
-    CouplingMLP,
-    FlowFitError,
-    StyleFlowBank,
-    build_style_flow,
-    fit_flow,
-    sample_flow,
-)
+from msf_monai.flow_fit import FlowFitError, fit_flow, sample_flow
+from msf_monai.flow_model import ClampedAffineCoupling, CouplingMLP, build_style_flow
+from msf_monai.flows import StyleFlowBank
 
 LAYERS = {2: 32, 3: 16, 4: 16}
 

@@ -15,7 +15,8 @@ from monai.losses import DiceCELoss
 from bundle_utils import SHARED_DATA, check, copy_bundle, run_bundle
 from training_utils import tiny_loader, tiny_trainer
 from msf_monai.engines import MixStyleFlowIteration, rescale_to_reference
-from msf_monai.flows import StyleFlowBank, sample_flow
+from msf_monai.flow_fit import sample_flow
+from msf_monai.flows import StyleFlowBank
 from msf_monai.handlers import PerturbationMonitor, StyleStatisticsIteration, StyleStatisticsRecorder
 from msf_monai.methods import get_method
 from msf_monai.networks import DualDecoderNet, SegmentationView, build_network, checkpoint_architecture

@@ -24,7 +24,9 @@ from PIL import Image
 from bundle_utils import check, copy_bundle, run_bundle
 from msf_monai.bundle import ConfigValueError, PhaseError, check_settings
 from msf_monai.data import DataValidationError, check_fundus_images, check_volumes, prostate_datalist
-from msf_monai.flows import FlowFitError, StyleFlowBank, build_style_flow, fit_flow
+from msf_monai.flow_fit import FlowFitError, fit_flow
+from msf_monai.flow_model import build_style_flow
+from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet
 from msf_monai.files import atomic_save
 from msf_monai.resume import PhaseFinishedError, ResumeError, check_resume
