@@ -158,9 +158,12 @@ def _evaluate_with_the_bundle_config(task, cases, tmp_path, **overrides):
     parser.read_config(str(REPO / "bundles" / task / "configs" / "evaluate.json"))
     handlers = parser.get("handlers")
     writer_index = next(i for i, h in enumerate(handlers) if str(h.get("_target_", "")).endswith("PerCaseDiceWriter"))
-    # no checkpoint here, so no training split to record (it comes from the checkpoint's training run)
-    parser.update({"bundle_root": str(tmp_path), "output_dir": str(tmp_path), "eval_name": "m",
-                   f"handlers#{writer_index}#split": None, **overrides})
+    # no checkpoint here, so no training split or checkpoint to record (they come from the checkpoint's
+    # training run); plain tensors on the model's grid, so Dice on that grid (nothing to invert)
+    parser.update({"bundle_root": str(tmp_path), "output_dir": str(tmp_path), "eval_name": "m", "eval_space": "resized",
+                   f"handlers#{writer_index}#split": None, f"handlers#{writer_index}#protocol": None,
+                   **({"resample": "resize", "pixel_spacing": 0.625, "field_of_view": 140} if task == "prostate" else {}),
+                   **overrides})
     data = [{"image": 20.0 * pred - 10.0, "label": label, "site": site, "case": case} for case, site, pred, label in cases]
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"), val_data_loader=DataLoader(data, batch_size=1), network=torch.nn.Identity(),
