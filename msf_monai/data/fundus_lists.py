@@ -35,7 +35,7 @@ Supported layouts (see :func:`detect_fundus_layout`):
 Images may be PNG, JPEG, BMP or TIFF; a mask has the stem of its image (any of these
 extensions).  All problems found (missing root or folders, nothing found, an image without a
 mask or a mask without an image, unreadable files) are collected and raised once as
-:class:`~msf_monai.data.prostate_lists.DataListError`, each naming the file.
+:class:`~msf_monai.data.core.DataListError`, each naming the file.
 """
 
 from __future__ import annotations
