@@ -100,7 +100,7 @@ def geometry_settings(resample: str = "resize", pixel_spacing: float = 0.625, fi
     return {"resample": "spacing", "pixel_spacing": float(pixel_spacing), "field_of_view": float(field_of_view)}
 
 
-def spacing_canvas(pixel_spacing: float = 0.625, field_of_view: float = 240.0) -> int:
+def spacing_canvas(pixel_spacing: float = 0.625, field_of_view: float = 140.0) -> int:
     """The in-plane size in pixels of a ``field_of_view`` (mm) square sampled at ``pixel_spacing``
     (mm): the grid that ``resample="spacing"`` pads or crops every slice to. A clear error
     for a spacing or field of view that is not a positive number or that gives under 16 pixels."""
