@@ -512,17 +512,22 @@ def evaluation_split(
     return {"cases": list(source_val) + unseen, "info": info}
 
 
-def trained_geometry(checkpoint: str | os.PathLike) -> dict:
-    """The in-plane geometry (``resample``, ``pixel_spacing``, ``field_of_view``) the run that
-    wrote ``checkpoint`` preprocessed with, from its training record; the defaults (``resize``)
-    when the record names none or there is no record. Later phases, evaluation and inference
-    take their defaults from it, so ``--resample spacing`` is given once, to the training run."""
+def trained_geometry(checkpoint: str | os.PathLike, image_size: int | None = None) -> dict:
+    """The in-plane geometry the run that wrote ``checkpoint`` preprocessed with, from its
+    training record: ``resample``, ``pixel_spacing``, ``field_of_view`` (the defaults, i.e.
+    ``resize``, when the record names none or there is no record) and ``image_size`` (the
+    given ``image_size`` when the record has none). Later phases, evaluation and inference take
+    their defaults from it, so ``--resample spacing`` and ``--image_size`` are given once, to
+    the training run: a model applied at another size or geometry sees organs at another scale."""
     from msf_monai.training_record import read_training_record
     from msf_monai.transforms import GEOMETRY_DEFAULTS
 
     record = read_training_record(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
-    stored = (record or {}).get("settings", {}).get("geometry") or {}
-    return {key: stored.get(key, default) for key, default in GEOMETRY_DEFAULTS.items()}
+    settings = (record or {}).get("settings", {})
+    stored = settings.get("geometry") or {}
+    geometry = {key: stored.get(key, default) for key, default in GEOMETRY_DEFAULTS.items()}
+    geometry["image_size"] = settings.get("image_size", image_size)
+    return geometry
 
 
 def check_geometry(checkpoint: str | os.PathLike, geometry: dict | None, what: str = "this run") -> bool:

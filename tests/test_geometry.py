@@ -77,14 +77,41 @@ def test_geometry_settings_and_their_errors(tmp_path):
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"")
     assert trained_geometry(checkpoint)["resample"] == "resize"
+    assert trained_geometry(checkpoint, image_size=96)["image_size"] == 96
     assert check_geometry(checkpoint, None)
     write_training_record(checkpoint, {"image_size": 32, "geometry": geometry_settings("spacing", 0.625, 140)})
-    assert trained_geometry(checkpoint) == {"resample": "spacing", "pixel_spacing": 0.625, "field_of_view": 140.0}
+    assert trained_geometry(checkpoint, image_size=96) == {"resample": "spacing", "pixel_spacing": 0.625,
+                                                          "field_of_view": 140.0, "image_size": 32}
     assert check_geometry(checkpoint, geometry_settings("spacing", 0.625, 140))
     with pytest.raises(ConfigValueError, match=r"--resample 'resize' \(trained with 'spacing'\).*--resample spacing --pixel_spacing 0.625 --field_of_view 140"):
         check_geometry(checkpoint, None, "this evaluation")
     with pytest.raises(ConfigValueError, match=r"--field_of_view 200.0 \(trained with 140.0\)"):
         check_geometry(checkpoint, geometry_settings("spacing", 0.625, 200))
+
+
+@pytest.mark.parametrize("config", ["phase2", "phase3", "evaluate", "inference"])
+def test_later_phases_take_the_trained_size_and_geometry(tmp_path, config):
+    """Real data (not the demo folder): Phase I defaults to resample spacing at 224 px; the
+    later phases, evaluation and inference take image size and geometry from the training
+    record of the checkpoint they read, and the real-data defaults when it has none."""
+    models = tmp_path / "models"
+    models.mkdir()
+    checkpoint = models / ("phase1_model.pt" if config in ("phase2", "phase3") else "model.pt")
+    checkpoint.write_bytes(b"")
+
+    def parsed(name):
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundles" / "prostate" / "configs" / f"{name}.json"))
+        parser.update({"bundle_root": str(REPO / "bundles" / "prostate"), "dataset_dir": str(tmp_path),
+                       "input_dir": str(tmp_path), "ckpt_dir": str(models), "checkpoint_file": str(checkpoint)})
+        return {key: parser.get_parsed_content(key) for key in ("image_size", "resample", "field_of_view")}
+
+    assert parsed("phase1") == {"image_size": 224, "resample": "spacing", "field_of_view": 140}
+    assert parsed(config)["image_size"] == 224  # no record: the real-data default
+    write_training_record(checkpoint, {"image_size": 64, "geometry": geometry_settings("spacing", 0.625, 160)})
+    assert parsed(config) == {"image_size": 64, "resample": "spacing", "field_of_view": 160.0}
+    write_training_record(checkpoint, {"image_size": 96, "geometry": None})  # trained with resize
+    assert parsed(config) == {"image_size": 96, "resample": "resize", "field_of_view": 140.0}
 
 
 def test_case_dice_protocols():
