@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import MsfError
+
 __all__ = [
     "evaluation_split",
     "find_bundle_root",
@@ -36,21 +38,19 @@ __all__ = [
 SIZE_DIVISOR = 16
 
 
-class MissingPhaseOutputError(SystemExit):
+class MissingPhaseOutputError(MsfError):
     """A phase needs a file that an earlier phase writes.
 
-    A ``SystemExit`` on purpose: MONAI's config evaluation wraps ordinary exceptions in a long
-    traceback, while this one reaches the user as its message alone, with exit status 1."""
+    An :class:`~msf_monai.errors.MsfError`: catchable as a ``ValueError``; uncaught, the user
+    sees its message alone (not MONAI's config-parser traceback) and exit status 1."""
 
 
-class ConfigValueError(SystemExit):
-    """A config value that cannot work (e.g. an unknown ``style_method``), found before any work.
-
-    A ``SystemExit`` for the same reason as :class:`MissingPhaseOutputError`: the user sees the
-    message, not a traceback from inside MONAI's config parser; exit status 1."""
+class ConfigValueError(MsfError):
+    """A config value that cannot work (e.g. an unknown ``style_method``), found before any work;
+    message only and exit status 1 when uncaught (:mod:`msf_monai.errors`)."""
 
 
-class PhaseError(SystemExit):
+class PhaseError(MsfError):
     """A phase stopped on a problem it explains (e.g. a diverged flow fit); message only, exit 1."""
 
 

@@ -39,6 +39,8 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from .errors import MsfError
+
 __all__ = [
     "init_distributed",
     "cleanup",
@@ -85,7 +87,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 60.0) 
     if dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SystemExit(
+        raise MsfError(
             "multi_gpu_train.json needs the environment of torchrun (RANK, WORLD_SIZE, MASTER_ADDR ...):\n"
             "  torchrun --nproc_per_node=<N> -m monai.bundle run --config_file \"['configs/phase1.json','configs/multi_gpu_train.json']\""
         )

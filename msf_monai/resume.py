@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from .errors import MsfError
 from .files import atomic_save, file_digest, remove_stale_temporaries
 from .training_record import write_training_record
 
@@ -69,13 +70,15 @@ RESUME_FORMAT = "msf_monai.resume"
 RESUME_VERSION = 1
 
 
-class ResumeError(SystemExit):
+class ResumeError(MsfError):
     """A saved training state cannot be used (unreadable, other data or settings, fewer epochs
-    asked for than already trained). A ``SystemExit``: the user sees the message, exit status 1."""
+    asked for than already trained); message only and exit status 1 when uncaught."""
 
 
 class PhaseFinishedError(SystemExit):
     """The phase has already run to its end: nothing to do, and its models are not overwritten.
+    Not an error (hence a ``SystemExit``, like :class:`InterruptedRun`: both end the process on
+    purpose).
 
     Exit status 0 (success, as ``make`` treats a target that is up to date: a pipeline that
     reruns every step goes on), with the message saying how to retrain or train longer."""

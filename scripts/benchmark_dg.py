@@ -43,6 +43,8 @@ from evaluate import (  # noqa: E402
     as_list, bundle_dir, check_known, config_value, evaluate_checkpoints, known_to, run_config, safe_name, write_table,
 )
 
+from msf_monai.errors import MsfError  # noqa: E402
+
 TRAINING_ONLY = ("epochs", "lr", "val_interval", "train_fraction", "style_p", "maxstyle_steps", "maxstyle_lr", "resume")
 #: arm settings that change Phase II (which flows are fitted), not Phase III
 PHASE2_SETTINGS = ("stats_regime", "statistic")
@@ -309,7 +311,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
             try:
                 make_gallery(str(root), output=str(work / "style_gallery.png"), ckpt_dir=str(models), seed=seed,
                              **known_to(root, "phase2", {k: v for k, v in base.items() if k not in TRAINING_ONLY + ("ckpt_dir", "seed")}))
-            except SystemExit as err:  # a gallery problem must not lose the benchmark's results
+            except (SystemExit, MsfError) as err:  # a gallery problem must not lose the benchmark's results
                 print(f"gallery skipped: {err}")
 
     if not train:  # the tables only: benchmark.json keeps the training record

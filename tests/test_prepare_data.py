@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bundle_utils import REPO, check, copy_bundle, run_bundle
-from msf_monai.data import external_datalist, generate_demo_fundus, generate_demo_prostate, prostate_datalist
+from msf_monai.data import DataValidationError, external_datalist, generate_demo_fundus, generate_demo_prostate, prostate_datalist
 from msf_monai.data.prepare import (
     MULTISITE_PROSTATE_SITES,
     PreparationError,
@@ -159,7 +159,7 @@ def test_nci_isbi_sites_by_case_number_and_test_site_names(tmp_path, volumes):
     # --test_dirs: sites named by folder; a test site named like a training site is refused
     items = external_datalist([str(out)], prostate_datalist)
     assert {it["site"] for it in items} == {"A", "B"} and all(it["test_dir"] == str(out) for it in items)
-    with pytest.raises(SystemExit, match="test site 'A'.*has the name of a training site"):
+    with pytest.raises(DataValidationError, match="test site 'A'.*has the name of a training site"):
         external_datalist(str(out), prostate_datalist, source_sites=["A"])
 
 

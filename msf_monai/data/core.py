@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from ..errors import MsfError
+
 __all__ = [
     "DataListError",
     "broken_link_problem",
@@ -27,7 +29,7 @@ __all__ = [
 _IGNORED_DIRS = {"__macosx"}
 
 
-class DataListError(ValueError):
+class DataListError(MsfError):
     """Problems found while building a data list; ``problems`` lists each one."""
 
     def __init__(self, problems: Sequence[str] | str, root=None):

@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import MsfError
+from .core import is_visible
+
 __all__ = [
     "MULTISITE_PROSTATE_SITES",
     "PreparationError",
@@ -35,7 +38,7 @@ MULTISITE_PROSTATE_SITES = ("BIDMC", "BMC", "HK", "I2CVB", "ISBI", "ISBI_1.5")
 _CASE = re.compile(r"^(Case\d+)\.(nii\.gz|nii)$", re.IGNORECASE)
 
 
-class PreparationError(ValueError):
+class PreparationError(MsfError):
     """A source that is not the expected data set (wrong or incomplete archive, unreadable
     label, occupied destination): the message names what is wrong. ``scripts/prepare_data.py``
     prints it and exits with status 1."""
@@ -76,7 +79,9 @@ def _check_members(archive: Path, names: list[str]) -> None:
 
 
 def _visible(path: Path) -> bool:
-    return not path.name.startswith(".") and "__MACOSX" not in path.parts
+    """:func:`~msf_monai.data.core.is_visible`, and not inside a ``__MACOSX`` folder (``rglob``
+    walks into them)."""
+    return is_visible(path) and "__MACOSX" not in path.parts
 
 
 def _find(root: Path, test: Callable[[Path], bool], what: str, source) -> Path:
@@ -151,11 +156,6 @@ def _write_sites(sites: dict[str, list[tuple[Path, Path]]], out: Path) -> dict[s
     return {site: len(pairs) for site, pairs in sites.items()}
 
 
-def _check_readable(out: Path, lister: Callable[[str], list]) -> None:
-    """The written folder read back with the bundles' own data-list function."""
-    lister(str(out))
-
-
 def prepare_msd_prostate(source, dest, overwrite: bool = False) -> dict[str, int]:
     """Medical Segmentation Decathlon Task05 (``Task05_Prostate.tar`` or its folder) ->
     ``dest/imagesTr`` (4-D T2+ADC images, unchanged), ``dest/labelsTr`` (zones merged) and
@@ -180,7 +180,7 @@ def prepare_msd_prostate(source, dest, overwrite: bool = False) -> dict[str, int
             for image in images:
                 shutil.copyfile(image, out / "imagesTr" / image.name)
                 _write_merged_label(task / "labelsTr" / image.name, out / "labelsTr" / image.name)
-            _check_readable(out, prostate_datalist)
+            prostate_datalist(str(out))  # read back with the bundles' own lister
     return {"Decathlon": len(images)}
 
 
@@ -198,7 +198,7 @@ def prepare_multisite_prostate(source, dest, overwrite: bool = False) -> dict[st
         sites = {s: _site_cases(base / s, source, s) for s in MULTISITE_PROSTATE_SITES}
         with _atomic_destination(dest, overwrite) as out:
             counts = _write_sites(sites, out)
-            _check_readable(out, prostate_datalist)
+            prostate_datalist(str(out))  # read back with the bundles' own lister
     return counts
 
 
@@ -218,7 +218,7 @@ def prepare_nci_isbi(source, dest, sites="SiteA=0-28,SiteB=29-38", overwrite: bo
             raise PreparationError(f"{source}: no cases in the range of site(s) {', '.join(empty)} ({sites})")
         with _atomic_destination(dest, overwrite) as out:
             counts = _write_sites(grouped, out)
-            _check_readable(out, prostate_datalist)
+            prostate_datalist(str(out))  # read back with the bundles' own lister
     return counts
 
 
@@ -241,6 +241,7 @@ def prepare_fundus_5domain(source, dest, overwrite: bool = False) -> dict[str, i
     ``train|test/ROIs/image|mask``) -> ``dest/Domain<k>/...`` unchanged, checked by the fundus
     data list (every image paired with its mask)."""
     from .fundus_lists import fundus_datalist
+    from .validation import DataValidationError
 
     with _unpacked(source) as root:
         base = _find(root, lambda p: any(q.is_dir() and re.fullmatch(r"Domain\d+", q.name) for q in p.iterdir()),
@@ -251,12 +252,12 @@ def prepare_fundus_5domain(source, dest, overwrite: bool = False) -> dict[str, i
             raise PreparationError(f"{source}: incomplete 5-domain fundus set, missing {', '.join(absent)}")
         try:
             items = fundus_datalist(str(base))
-        except SystemExit as err:
+        except DataValidationError as err:
             raise PreparationError(f"{source}: not in the 5-domain layout:\n{err}") from None
         with _atomic_destination(dest, overwrite) as out:
             for domain in domains:
                 shutil.copytree(domain, out / domain.name, ignore=shutil.ignore_patterns(".*", "__MACOSX"))
-            _check_readable(out, fundus_datalist)
+            fundus_datalist(str(out))  # read back with the bundles' own lister
     counts: dict[str, int] = {}
     for item in items:
         counts[item["site"]] = counts.get(item["site"], 0) + 1

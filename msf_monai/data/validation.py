@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import MsfError
 from .core import DataListError
 
 __all__ = [
@@ -45,12 +46,11 @@ MIN_IMAGE_SIZE = 16
 _MAX_SHOWN = 8  # label values listed in a message
 
 
-class DataValidationError(SystemExit):
+class DataValidationError(MsfError):
     """Problems found in the data, each naming its file, raised before any work.
 
-    A ``SystemExit`` on purpose (like :class:`msf_monai.bundle.MissingPhaseOutputError`): MONAI's
-    config evaluation wraps ordinary exceptions in a long traceback, while this one reaches the
-    user as its message alone, with exit status 1. ``problems`` lists the problems.
+    An :class:`~msf_monai.errors.MsfError`: uncaught, the user sees its message alone (not
+    MONAI's config-parser traceback) and exit status 1. ``problems`` lists the problems.
     """
 
     def __init__(self, problems: Sequence[str] | str, root=None, n_items: int | None = None):
