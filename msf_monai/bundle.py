@@ -398,13 +398,19 @@ def find_checkpoint(checkpoint: str | os.PathLike, bundle_root: str | os.PathLik
     A missing file stops with the command of the phase that writes it (Phase I for
     ``phase1_model*.pt``, else Phase III)."""
     path = Path(checkpoint)
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path, Path(bundle_root) / path]
+    candidates = _checkpoint_candidates(checkpoint, bundle_root)
     for candidate in candidates:
         if candidate.is_file():
             return str(candidate.resolve())
     phase = "phase1" if path.name.startswith("phase1_model") else "phase3"
     where = " or ".join(str(c) for c in candidates)
     raise MissingPhaseOutputError(f"checkpoint not found: {where}\nCreate it first with:\n  {phase_command(bundle_root, phase)}")
+
+
+def _checkpoint_candidates(checkpoint: str | os.PathLike, bundle_root: str | os.PathLike | None) -> list[Path]:
+    """Where a ``--checkpoint`` may be: as given, else (when relative) inside the bundle folder."""
+    path = Path(checkpoint)
+    return [path] if path.is_absolute() or bundle_root is None else [Path.cwd() / path, Path(bundle_root) / path]
 
 
 def select_sites(datalist: Sequence[dict], sites: str | Sequence[str] | None, role: str = "source") -> list[dict]:
@@ -512,17 +518,22 @@ def evaluation_split(
     return {"cases": list(source_val) + unseen, "info": info}
 
 
-def trained_geometry(checkpoint: str | os.PathLike, image_size: int | None = None) -> dict:
+def trained_geometry(checkpoint: str | os.PathLike | None, image_size: int | None = None,
+                     bundle_root: str | os.PathLike | None = None) -> dict:
     """The in-plane geometry the run that wrote ``checkpoint`` preprocessed with, from its
     training record: ``resample``, ``pixel_spacing``, ``field_of_view`` (the defaults, i.e.
     ``resize``, when the record names none or there is no record) and ``image_size`` (the
     given ``image_size`` when the record has none). Later phases, evaluation and inference take
     their defaults from it, so ``--resample spacing`` and ``--image_size`` are given once, to
-    the training run: a model applied at another size or geometry sees organs at another scale."""
+    the training run: a model applied at another size or geometry sees organs at another scale.
+    A relative ``checkpoint`` is looked for as :func:`find_checkpoint` does when ``bundle_root``
+    is given; a missing one gives the defaults without an error, so that the settings check runs
+    first and the missing file is reported by ``find_checkpoint`` with the command that makes it."""
     from msf_monai.training_record import read_training_record
     from msf_monai.transforms import GEOMETRY_DEFAULTS
 
-    record = read_training_record(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
+    found = [c for c in _checkpoint_candidates(checkpoint, bundle_root) if c.is_file()] if checkpoint is not None else []
+    record = read_training_record(found[0]) if found else None
     settings = (record or {}).get("settings", {})
     stored = settings.get("geometry") or {}
     geometry = {key: stored.get(key, default) for key, default in GEOMETRY_DEFAULTS.items()}

@@ -87,6 +87,11 @@ def test_geometry_settings_and_their_errors(tmp_path):
         check_geometry(checkpoint, None, "this evaluation")
     with pytest.raises(ConfigValueError, match=r"--field_of_view 200.0 \(trained with 140.0\)"):
         check_geometry(checkpoint, geometry_settings("spacing", 0.625, 200))
+    # a relative --checkpoint is found in the bundle folder; a missing one gives the defaults
+    # without an error, so the settings check runs before the missing file is reported
+    assert trained_geometry("model.pt", image_size=96, bundle_root=tmp_path)["image_size"] == 32
+    assert trained_geometry(tmp_path / "absent.pt", image_size=96) == {"resample": "resize", "pixel_spacing": 0.625,
+                                                                     "field_of_view": 140.0, "image_size": 96}
 
 
 @pytest.mark.parametrize("config", ["phase2", "phase3", "evaluate", "inference"])
