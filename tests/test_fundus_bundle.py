@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from bundle_utils import SHARED_DATA, check, copy_bundle, run_bundle
-from msf_monai.data import generate_demo_fundus
+from msf_monai.tasks.fundus import generate_demo_fundus
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
 

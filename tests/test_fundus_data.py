@@ -13,31 +13,29 @@ import torch
 from PIL import Image
 
 from bundle_utils import SHARED_DATA
-from msf_monai.data import (
-    DEMO_FUNDUS_DOMAINS,
-    DEMO_FUNDUS_SOURCE_DOMAIN,
-    FUNDUS_DOMAIN_STYLES,
-    DataListError,
-    DataValidationError,
+from msf_monai.tasks.fundus import (
     acquire_fundus,
     build_fundus_datalist,
+    DEMO_FUNDUS_DOMAINS,
+    DEMO_FUNDUS_SOURCE_DOMAIN,
     detect_fundus_layout,
     ensure_demo_fundus,
     fundus_datalist,
+    FUNDUS_DOMAIN_STYLES,
     generate_demo_fundus,
-    group_by_site,
     list_drishti,
     list_fundus_domains,
     list_fundus_folder,
     parse_fundus_mapping,
     sample_fundus_anatomy,
 )
-from msf_monai.data import synthetic_fundus as sf
-from msf_monai.fundus_transforms import (
+from msf_monai.data import DataListError, DataValidationError, group_by_site
+from msf_monai.tasks.fundus import synthetic as sf
+from msf_monai.tasks.fundus import (
     CupInsideDiscd,
-    FundusMaskToChannelsd,
     fundus_mask_to_channels,
     fundus_preprocessing,
+    FundusMaskToChannelsd,
 )
 
 DRISHTI = SHARED_DATA / "fundus_drishti_gs"
@@ -481,7 +479,8 @@ def test_one_odd_mask_is_named_not_the_coding_of_the_others(tmp_path):
     """The palette coding is decided by most masks, so an odd first mask is the one reported."""
     from PIL import Image
 
-    from msf_monai.data import DataValidationError, check_fundus_images
+    from msf_monai.data import DataValidationError
+    from msf_monai.tasks.fundus import check_fundus_images
 
     root, names = _drishti_copy(tmp_path, n=4)
     odd = root / "masks" / names[0]  # the first mask, grey 0/128/255 instead of the palette

@@ -15,10 +15,10 @@ from monai.bundle import ConfigParser
 
 from bundle_utils import REPO, check, copy_bundle, inverted_label_dice, run_bundle
 from msf_monai.bundle import ConfigValueError, check_geometry, trained_geometry
-from msf_monai.data import generate_demo_prostate
+from msf_monai.tasks.prostate import generate_demo_prostate
 from msf_monai.handlers import case_dice
 from msf_monai.training_record import write_training_record
-from msf_monai.transforms import geometry_settings, prostate_preprocessing, spacing_canvas
+from msf_monai.tasks.prostate import geometry_settings, prostate_preprocessing, spacing_canvas
 
 RADIUS_MM = 15.0
 

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from bundle_utils import check, copy_bundle, run_bundle
-from msf_monai.data import DataValidationError, check_volumes, fundus_image_files, image_files, prostate_datalist
+from msf_monai.data import DataValidationError
+from msf_monai.tasks.prostate import check_volumes, image_files, prostate_datalist
+from msf_monai.tasks.fundus import fundus_image_files
 from msf_monai.networks import SegmentationOnlyNet
-from msf_monai.transforms import prostate_preprocessing
+from msf_monai.tasks.prostate import prostate_preprocessing
 
 SIZE = ("--image_size", "32")
 

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from bundle_utils import REPO, copy_bundle
-from msf_monai.data import generate_demo_prostate
+from msf_monai.tasks.prostate import generate_demo_prostate
 
 # --------------------------------------------------------------------------------------------
 # GradientSync on known per-rank values (two gloo processes)

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from bundle_utils import REPO, check, copy_bundle
-from msf_monai.data import generate_demo_prostate, image_files, split_by_patient
+from msf_monai.tasks.prostate import generate_demo_prostate, image_files
+from msf_monai.data import split_by_patient
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
 from msf_monai.style_shift import StyleShiftScorer, StyleShiftWriter, calibrate_style_shift, image_slices
 from msf_monai.training_record import write_training_record
-from msf_monai.transforms import prostate_preprocessing
+from msf_monai.tasks.prostate import prostate_preprocessing
 
 SIZE = 32
 
@@ -157,7 +158,7 @@ def test_phase2_calibrates_on_the_source_sites_validation_cases(tmp_path):
     trained on, no other site) and saves the configured quantile of their scores."""
     from monai.bundle import ConfigParser
 
-    from msf_monai.transforms import prostate_preprocessing as pre
+    from msf_monai.tasks.prostate import prostate_preprocessing as pre
 
     data = tmp_path / "data"
     generate_demo_prostate(data, cases_per_site={"SiteA": 6, "SiteB": 2}, sites=["SiteA", "SiteB"], shape=(40, 40, 4))

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from bundle_utils import REPO, check, copy_bundle, run_bundle
-from msf_monai.data import DataValidationError, external_datalist, generate_demo_fundus, generate_demo_prostate, prostate_datalist
+from msf_monai.data import DataValidationError, external_datalist
+from msf_monai.tasks.fundus import generate_demo_fundus
+from msf_monai.tasks.prostate import generate_demo_prostate, prostate_datalist
 from msf_monai.data.prepare import (
     MULTISITE_PROSTATE_SITES,
     PreparationError,

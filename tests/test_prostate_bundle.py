@@ -132,7 +132,7 @@ def test_real_volumes_in_multisite_layout(tmp_path):
 def test_inverted_preprocessing_puts_masks_back_on_the_original_grid():
     """Inference's geometry on a real, non-RAS volume: a 'prediction' equal to the preprocessed
     label, inverted with the preprocessing, matches the original label."""
-    from msf_monai.transforms import prostate_preprocessing
+    from msf_monai.tasks.prostate import prostate_preprocessing
 
     src = SHARED_DATA / "prostate_nci_isbi"
     item = {"image": str(src / "Case30.nii.gz"), "label": str(src / "Case30_Segmentation.nii.gz")}

@@ -13,22 +13,20 @@ import numpy as np
 import pytest
 
 from bundle_utils import SHARED_DATA
-from msf_monai.data import (
+from msf_monai.tasks.prostate import (
+    build_datalist,
     DEMO_SITES,
     DEMO_SOURCE_SITE,
-    SITE_STYLES,
-    DataListError,
-    build_datalist,
     detect_layout,
     ensure_demo_prostate,
     generate_demo_prostate,
-    group_by_site,
     list_decathlon,
     list_image_label_folder,
     list_multisite,
-    split_by_patient,
+    SITE_STYLES,
 )
-from msf_monai.data import synthetic_prostate as sp
+from msf_monai.data import DataListError, group_by_site, split_by_patient
+from msf_monai.tasks.prostate import synthetic as sp
 
 NCI = SHARED_DATA / "prostate_nci_isbi"
 SMALL = (40, 40, 12)
@@ -419,7 +417,7 @@ def test_split_real_list():
 def test_preprocessing_keeps_the_listed_channel_of_4d_volumes(tmp_path):
     import nibabel as nib
 
-    from msf_monai.transforms import prostate_preprocessing
+    from msf_monai.tasks.prostate import prostate_preprocessing
 
     vol = np.zeros((16, 16, 4, 2), dtype=np.float32)
     vol[..., 0] = np.linspace(0, 1, 16)[:, None, None]  # T2: a ramp

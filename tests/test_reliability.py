@@ -23,7 +23,9 @@ from PIL import Image
 
 from bundle_utils import check, copy_bundle, run_bundle
 from msf_monai.bundle import ConfigValueError, PhaseError, check_settings
-from msf_monai.data import DataValidationError, check_fundus_images, check_volumes, prostate_datalist
+from msf_monai.data import DataValidationError
+from msf_monai.tasks.fundus import check_fundus_images
+from msf_monai.tasks.prostate import check_volumes, prostate_datalist
 from msf_monai.flow_fit import FlowFitError, fit_flow
 from msf_monai.flow_model import build_style_flow
 from msf_monai.flows import StyleFlowBank
@@ -219,7 +221,8 @@ def test_every_problem_of_a_data_set_is_reported_at_once_before_training(tmp_pat
 
 
 def test_broken_symbolic_links_are_named_as_such(tmp_path):
-    from msf_monai.data import fundus_datalist, prostate_datalist
+    from msf_monai.tasks.fundus import fundus_datalist
+    from msf_monai.tasks.prostate import prostate_datalist
     from msf_monai.data.validation import DataValidationError
 
     data = tiny_dataset(tmp_path / "data", n=3)

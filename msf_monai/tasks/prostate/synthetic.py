@@ -33,18 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from .demo_install import absolute_items, install_generated, listed_files_exist, write_demo_info
+from ...data.demo_install import DEMO_INFO_FILE, absolute_items, demo_info, install_generated, listed_files_exist, write_demo_info
 
 __all__ = [
     "DEMO_SOURCE_SITE",
     "DEMO_SITES",
-    "DEMO_INFO_FILE",
     "GENERATOR_VERSION",
     "SITE_STYLES",
     "default_cases_per_site",
     "generate_demo_prostate",
     "ensure_demo_prostate",
-    "demo_info",
     "sample_anatomy",
     "acquire",
 ]
@@ -52,7 +50,6 @@ __all__ = [
 logger = logging.getLogger("msf_monai.data")
 
 GENERATOR_VERSION = "1.0"
-DEMO_INFO_FILE = "demo_info.json"
 DEMO_SOURCE_SITE = "SiteA"
 DEMO_SITES: tuple[str, ...] = ("SiteA", "SiteB", "SiteC", "SiteD")
 DEFAULT_SHAPE = (96, 96, 20)
@@ -551,7 +548,7 @@ def generate_demo_prostate(root, seed: int = 0, cases_per_site=None, shape=DEFAU
                     " (source)" if site == params["source_site"] else "")
     seconds = time.perf_counter() - t0
     info = {
-        "generator": "msf_monai.data.synthetic_prostate",
+        "generator": "msf_monai.data.synthetic_prostate",  # the identifier of demo folders (its module before 0.6.0): kept
         "version": GENERATOR_VERSION,
         "params": params,
         "layout": "multisite",
@@ -572,15 +569,6 @@ def _summary(root: Path, info: Mapping, seconds: float | None = None) -> dict:
             "cases_per_site": dict(params["cases_per_site"]), "items": items,
             "version": info["version"], "seconds": seconds}
 
-
-def demo_info(root) -> dict | None:
-    """The parsed ``demo_info.json`` of a demo folder, or ``None`` if missing/unreadable."""
-    path = Path(root) / DEMO_INFO_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
 
 
 def _is_current(root: Path, params: Mapping) -> bool:

@@ -36,8 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .demo_install import absolute_items, install_generated, listed_files_exist, write_demo_info
-from .synthetic_prostate import DEMO_INFO_FILE, demo_info
+from ...data.demo_install import DEMO_INFO_FILE, absolute_items, demo_info, install_generated, listed_files_exist, write_demo_info
 
 __all__ = [
     "DEMO_FUNDUS_SOURCE_DOMAIN",
@@ -57,7 +56,7 @@ __all__ = [
 logger = logging.getLogger("msf_monai.data")
 
 FUNDUS_GENERATOR_VERSION = "1.0"
-_GENERATOR = "msf_monai.data.synthetic_fundus"
+_GENERATOR = "msf_monai.data.synthetic_fundus"  # the identifier stored in demo_info.json (its module before 0.6.0): kept, so existing demo folders stay current
 DEMO_FUNDUS_SOURCE_DOMAIN = "Domain1"
 DEMO_FUNDUS_DOMAINS: tuple[str, ...] = ("Domain1", "Domain2", "Domain3", "Domain4")
 DEFAULT_SIZE = 128
