@@ -1,5 +1,6 @@
 """The bundles' phase configs are generated from bundles/_templates and must be current."""
 
+import pytest
 import importlib.util
 
 from bundle_utils import REPO
@@ -74,6 +75,7 @@ def test_prostate_bias_field_augmentation_is_an_option_off_by_default():
     assert float((ratio[:, :, 1:] - ratio[:, :, :-1]).abs().max()) < 0.1
 
 
+@pytest.mark.slow
 def test_every_module_the_configs_name_is_imported_with_the_package():
     """Configs import only ``msf_monai``; a ``msf_monai.<module>.`` they name must be an
     attribute of the package in a fresh interpreter (not only after a test imported it)."""

@@ -31,6 +31,7 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_evaluate_script_table_matches_per_case_csvs(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     ckpts = []
@@ -58,6 +59,7 @@ def test_evaluate_script_table_matches_per_case_csvs(tmp_path):
     assert (out / "dg_table.png").stat().st_size > 1000 and (out / "dg_table.md").is_file()
 
 
+@pytest.mark.slow
 def test_benchmark_script_trains_evaluates_and_tabulates(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     work = tmp_path / "bench"

@@ -16,7 +16,6 @@ from bundle_utils import REPO, check, copy_bundle, run_bundle
 from msf_monai.bundle import ConfigValueError, evaluation_split, select_sites
 from msf_monai.data import split_by_patient
 from msf_monai.tasks.prostate.synthetic import generate_demo_prostate
-from msf_monai.networks import SegmentationOnlyNet
 from msf_monai.training_record import read_training_record, training_record_file, write_training_record
 
 
@@ -82,6 +81,7 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_evaluate_script_leaves_training_patients_out(tmp_path):
     """Real-data defaults (no default source site), a training run with a non-default split,
     then ``scripts/evaluate.py`` without --source_site, --seed or --val_fraction."""

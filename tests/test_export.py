@@ -43,6 +43,7 @@ def test_torchscript_is_scriptable_and_keeps_state_dict_keys():
     torch.testing.assert_close(scripted(x), net(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_ckpt_export_matches_the_eager_network(bundle, tmp_path):
     in_ch, out_ch = BUNDLES[bundle]

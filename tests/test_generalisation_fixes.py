@@ -369,6 +369,7 @@ def test_version_1_flow_checkpoints_still_load_without_the_relative_guard(tmp_pa
     assert mean.shape == (10, 4) and "no observed statistics range" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "prostate_nci_isbi").is_dir(), reason="needs ../shared/data")
 def test_new_arms_run_through_the_bundle(tmp_path):
     """Encoder-level MixStyleFlow (Phase II on encoder statistics, then Phase III), residual

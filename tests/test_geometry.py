@@ -169,6 +169,7 @@ def test_original_geometry_dice_is_computed_on_the_scans_grid(tmp_path, eval_spa
         assert dice == pytest.approx(2 * resized.sum() / (resized.size + resized.sum()), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_spacing_workflow_is_given_once_and_a_different_geometry_is_refused(tmp_path):
     """Phase I trained with --resample spacing records it; evaluation follows it without being
     told, writes its protocol, and refuses --resample resize with the flags to use."""

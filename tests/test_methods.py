@@ -180,6 +180,7 @@ def test_phase3_settings_reach_the_step_and_init_from_phase1_loads_phase1_weight
     assert any(not torch.equal(fresh[k], v) for k, v in phase1.items() if k.endswith("weight"))
 
 
+@pytest.mark.slow
 def test_unknown_style_method_is_a_clear_error(tmp_path):
     copy_bundle("prostate", tmp_path)
     proc = run_bundle(tmp_path, "phase3", "--style_method", "mixstyel", "--image_size", "32")
@@ -189,6 +190,7 @@ def test_unknown_style_method_is_a_clear_error(tmp_path):
     assert not (tmp_path / "bundles" / "prostate" / "demo_data").exists(), "work started before the check"
 
 
+@pytest.mark.slow
 def test_a_baseline_trains_end_to_end_through_the_bundle(tmp_path):
     """``--style_method dsu`` needs no Phase I/II outputs and writes its own checkpoint."""
     target = copy_bundle("prostate", tmp_path)

@@ -220,6 +220,7 @@ def test_packaging_an_untrained_bundle_fails_clearly(tmp_path):
     assert "model.pt" in str(err.value) and "phase1.json" in str(err.value)
 
 
+@pytest.mark.slow
 def test_packaged_archive_runs_inference_anywhere(tmp_path):
     data = tmp_path / "data"
     generate_demo_prostate(data, cases_per_site={"SiteA": 3, "SiteB": 2}, sites=["SiteA", "SiteB"], shape=(40, 40, 4))

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -96,6 +95,7 @@ def _signal_phase1_after(tmp_path, args, marker: str, sig) -> tuple[subprocess.P
     return proc, lines
 
 
+@pytest.mark.slow
 def test_phase1_killed_after_a_checkpoint_resumes_with_the_same_command(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data")
@@ -125,6 +125,7 @@ def test_phase1_killed_after_a_checkpoint_resumes_with_the_same_command(tmp_path
     assert "Epoch[1] Complete" not in again.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data")
@@ -172,6 +173,7 @@ def _tensorboard_losses(folder: Path) -> list[float]:
     return [e.value for e in acc.Scalars("train_loss")]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_phase1_losses_on_cpu(tmp_path):
     data = tiny_dataset(tmp_path / "data")
     runs = []
@@ -188,6 +190,7 @@ def test_same_seed_gives_bit_identical_phase1_losses_on_cpu(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # bad data, found before any work
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_missing_and_empty_dataset_dir_fail_cleanly(tmp_path):
     copy_bundle("prostate", tmp_path)
     missing = tmp_path / "nowhere"
@@ -199,6 +202,7 @@ def test_missing_and_empty_dataset_dir_fail_cleanly(tmp_path):
     assert str(empty) in str(err.value)
 
 
+@pytest.mark.slow
 def test_every_problem_of_a_data_set_is_reported_at_once_before_training(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data", n=3)
@@ -346,6 +350,7 @@ def test_fundus_truncated_png_and_mask_problems_name_the_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # settings
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_settings_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigValueError, match="divisible|multiple of 16"):
         check_settings(image_size=100)

@@ -22,9 +22,14 @@ from ignite.engine import Engine, Events
 from monai.metrics import compute_dice
 from monai.utils.enums import CommonKeys as Keys
 
-__all__ = ["case_dice", "PerCaseDiceWriter", "CaseProgressLogger"]
+__all__ = ["DICE_MODES", "SLICE_MODES", "case_dice", "PerCaseDiceWriter", "CaseProgressLogger"]
 
 logger = logging.getLogger("msf_monai.handlers")
+
+#: Dice per case over the whole volume, or averaged over its slices (:func:`case_dice`)
+DICE_MODES = ("volume", "slice")
+#: every slice of a volume, or only those whose label has foreground
+SLICE_MODES = ("all", "foreground")
 
 
 def case_dice(pred: torch.Tensor, label: torch.Tensor, dice: str = "volume", eval_slices: str = "all") -> torch.Tensor:

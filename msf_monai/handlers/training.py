@@ -144,13 +144,6 @@ class StylizedImageSaver:
             self._writer = None
 
 
-#: Dice per case over the whole volume, or averaged over its slices (:func:`case_dice`)
-DICE_MODES = ("volume", "slice")
-#: every slice of a volume, or only those whose label has foreground
-SLICE_MODES = ("all", "foreground")
-
-
-
 class DataWaitTimer:
     """Measures the time the engine waits for the data loader (ignite's ``GET_BATCH_STARTED``
     to ``GET_BATCH_COMPLETED``) against the epoch's iterations (from the epoch's start to its
