@@ -13,6 +13,7 @@ def _build_configs():
     return module
 
 
+@pytest.mark.slow
 def test_generated_configs_are_up_to_date(capsys):
     assert _build_configs().main(check=True) == 0, capsys.readouterr().out
 

@@ -57,6 +57,7 @@ def small_demo(tmp_path_factory):
 # ------------------------------------------------------------------------------------------
 # generator
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_layout_and_counts(small_demo):
     root, summary = small_demo
     assert DEMO_FUNDUS_DOMAINS[0] == DEMO_FUNDUS_SOURCE_DOMAIN and len(DEMO_FUNDUS_DOMAINS) >= 4
@@ -113,6 +114,7 @@ def test_masks_values_and_cup_inside_disc(small_demo):
     assert 0.2 < min(cdrs) and max(cdrs) < 0.8 and max(cdrs) - min(cdrs) > 0.15
 
 
+@pytest.mark.slow
 def test_generator_is_deterministic(tmp_path, small_demo):
     root, summary = small_demo
     a = generate_demo_fundus(tmp_path / "a", seed=3, images_per_domain=COUNTS, size=SMALL)
@@ -348,6 +350,7 @@ def test_list_fundus_folder_with_mapping(tmp_path):
         list_fundus_folder(tmp_path / "nomasks", mapping)
 
 
+@pytest.mark.slow
 def test_fundus_datalist_demo(tmp_path):
     demo = tmp_path / "demo_fundus"
     kw_root = tmp_path / "other"

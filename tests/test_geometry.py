@@ -38,6 +38,7 @@ def _disc_volume(folder, name, spacing, size, slices=4):
     return {"image": str(folder / f"{name}.nii.gz"), "label": str(folder / f"{name}_Segmentation.nii.gz")}
 
 
+@pytest.mark.slow
 def test_spacing_keeps_the_physical_size_resize_does_not(tmp_path):
     # the same anatomy from a 120 mm (0.5 mm) and a 160 mm (0.8 mm) field of view
     fine = _disc_volume(tmp_path, "fine", 0.5, 240)
@@ -53,6 +54,7 @@ def test_spacing_keeps_the_physical_size_resize_does_not(tmp_path):
     assert area(fine, resample="resize") / area(coarse, resample="resize") == pytest.approx((160 / 120) ** 2, rel=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_size", [64, 224])
 def test_spacing_predictions_go_back_to_the_original_grid(tmp_path, image_size):
     """A prediction equal to the preprocessed label, inverted, is the original label on the

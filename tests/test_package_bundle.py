@@ -104,6 +104,7 @@ def _bank_on_features(net, x, statistic, epochs=1):
     return bank
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("statistic", ["std", "variance"])
 def test_scores_are_the_flows_negative_log_likelihood_per_statistic(statistic):
     net = _trained_like_net()
@@ -128,6 +129,7 @@ def test_scores_are_the_flows_negative_log_likelihood_per_statistic(statistic):
     assert torch.isfinite(scorer32.slice_scores(big)).all()
 
 
+@pytest.mark.slow
 def test_calibration_threshold_is_the_configured_quantile_of_the_case_scores(tmp_path):
     net = _trained_like_net()
     torch.save(net.state_dict(), tmp_path / "phase1_model.pt")
@@ -153,6 +155,7 @@ def test_calibration_threshold_is_the_configured_quantile_of_the_case_scores(tmp
     assert low[1] < float(np.quantile(expected, 0.3)) < low[2]
 
 
+@pytest.mark.slow
 def test_phase2_calibrates_on_the_source_sites_validation_cases(tmp_path):
     """phase2.json's calibration step scores exactly the source site's validation patients (none
     trained on, no other site) and saves the configured quantile of their scores."""

@@ -46,6 +46,7 @@ def small_demo(tmp_path_factory):
 # ------------------------------------------------------------------------------------------
 # generator
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_layout_and_files(small_demo):
     root, summary = small_demo
     assert list(DEMO_SITES)[0] == DEMO_SOURCE_SITE and len(DEMO_SITES) >= 4
@@ -83,6 +84,7 @@ def test_demo_layout_and_files(small_demo):
         assert 0.002 < lbl.mean() < 0.1
 
 
+@pytest.mark.slow
 def test_demo_deterministic(tmp_path, small_demo):
     root, summary = small_demo
     kw = dict(cases_per_site={s: (2 if s == DEMO_SOURCE_SITE else 1) for s in DEMO_SITES},
@@ -145,6 +147,7 @@ def test_sites_differ_in_intensity(small_demo):
     assert max(raw.values()) > 1.5 * min(raw.values()), raw
 
 
+@pytest.mark.slow
 def test_ensure_is_idempotent_and_regenerates(tmp_path, caplog):
     root = tmp_path / "demo"
     kw = dict(cases_per_site=1, shape=(24, 24, 8))
@@ -251,6 +254,7 @@ def _write_mhd_pair(folder: Path, case: str):
     itk.imwrite(lab, str(folder / f"{case}_segmentation.mhd"))
 
 
+@pytest.mark.slow
 def test_list_multisite_real_files(multisite_root):
     _write_mhd_pair(multisite_root / "Promise", "Case07")
     assert detect_layout(multisite_root) == "multisite"

@@ -373,6 +373,7 @@ def _flow(seed=0):
     return build_style_flow(4, num_blocks=2)
 
 
+@pytest.mark.slow
 def test_flow_fit_resumed_from_a_checkpoint_equals_an_uninterrupted_fit():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 4, generator=gen) * torch.tensor([1.0, 2.0, 3.0, 4.0]) + 1
