@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["DEMO_INFO_FILE", "demo_info", "install_generated", "write_demo_info", "listed_files_exist", "absolute_items"]
+__all__ = ["DEMO_INFO_FILE", "demo_info", "demo_is_current", "install_generated", "write_demo_info", "listed_files_exist", "absolute_items"]
 
 #: the description file a generated demo folder is complete with (written last)
 DEMO_INFO_FILE = "demo_info.json"
@@ -93,3 +93,13 @@ def demo_info(root) -> dict | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
+
+
+def demo_is_current(root, generator: str, version: str, params) -> bool:
+    """Whether ``root`` holds a complete demo made by ``generator`` at ``version`` with these
+    ``params``: its ``demo_info.json`` says so and every file it lists exists."""
+    info = demo_info(root)
+    if (not info or info.get("generator") != generator or info.get("version") != version
+            or info.get("params") != params):
+        return False
+    return listed_files_exist(Path(root), info)

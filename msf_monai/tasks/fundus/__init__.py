@@ -4,74 +4,10 @@ Drishti-GS and image/mask-folder layouts and the label formats ``grey``/``palett
 :mod:`.transforms`), the image check (:mod:`.checks`) and the synthetic multi-domain demo
 (:mod:`.synthetic`)."""
 
-from .lists import (  # noqa: F401
-    FUNDUS_IMAGE_EXTENSIONS,
-    FUNDUS_LAYOUTS,
-    LABEL_FORMATS,
-    build_fundus_datalist,
-    detect_fundus_layout,
-    fundus_datalist,
-    fundus_image_files,
-    list_drishti,
-    list_fundus_domains,
-    list_fundus_folder,
-    parse_fundus_mapping,
-)
-from .transforms import (  # noqa: F401
-    ChannelsToFundusMaskd,
-    CupInsideDiscd,
-    EnsureRGBd,
-    FundusMaskToChannelsd,
-    fundus_mask_to_channels,
-    fundus_preprocessing,
-)
-from .checks import (  # noqa: F401
-    check_fundus_images,
-)
-from .synthetic import (  # noqa: F401
-    DEMO_FUNDUS_DOMAINS,
-    DEMO_FUNDUS_SOURCE_DOMAIN,
-    FUNDUS_DOMAIN_STYLES,
-    FUNDUS_GENERATOR_VERSION,
-    MASK_BACKGROUND,
-    MASK_CUP,
-    MASK_RIM,
-    acquire_fundus,
-    default_fundus_counts,
-    ensure_demo_fundus,
-    generate_demo_fundus,
-    sample_fundus_anatomy,
-)
+from . import checks, lists, synthetic, transforms
+from .lists import *  # noqa: F401,F403  (each module lists its public names in __all__)
+from .transforms import *  # noqa: F401,F403
+from .checks import *  # noqa: F401,F403
+from .synthetic import *  # noqa: F401,F403
 
-__all__ = [
-    "FUNDUS_IMAGE_EXTENSIONS",
-    "FUNDUS_LAYOUTS",
-    "LABEL_FORMATS",
-    "parse_fundus_mapping",
-    "list_fundus_domains",
-    "list_drishti",
-    "list_fundus_folder",
-    "detect_fundus_layout",
-    "build_fundus_datalist",
-    "fundus_datalist",
-    "fundus_image_files",
-    "ChannelsToFundusMaskd",
-    "FundusMaskToChannelsd",
-    "CupInsideDiscd",
-    "EnsureRGBd",
-    "fundus_mask_to_channels",
-    "fundus_preprocessing",
-    "check_fundus_images",
-    "DEMO_FUNDUS_SOURCE_DOMAIN",
-    "DEMO_FUNDUS_DOMAINS",
-    "FUNDUS_DOMAIN_STYLES",
-    "FUNDUS_GENERATOR_VERSION",
-    "MASK_BACKGROUND",
-    "MASK_RIM",
-    "MASK_CUP",
-    "default_fundus_counts",
-    "generate_demo_fundus",
-    "ensure_demo_fundus",
-    "sample_fundus_anatomy",
-    "acquire_fundus",
-]
+__all__ = lists.__all__ + transforms.__all__ + checks.__all__ + synthetic.__all__

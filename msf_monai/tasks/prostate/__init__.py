@@ -4,68 +4,10 @@ layouts (:mod:`.lists`), spacing- or resize-based preprocessing that inference c
 multi-site demo (:mod:`.synthetic`). Label coding: one channel, the whole gland (every label
 value >= 0.5; zonal labels are merged)."""
 
-from .lists import (  # noqa: F401
-    IMAGE_EXTENSIONS,
-    LAYOUTS,
-    build_datalist,
-    detect_layout,
-    image_files,
-    layout_channel,
-    list_decathlon,
-    list_image_label_folder,
-    list_multisite,
-    prostate_datalist,
-)
-from .transforms import (  # noqa: F401
-    GEOMETRY_DEFAULTS,
-    OriginalLabeld,
-    RESAMPLE_MODES,
-    SelectChanneld,
-    geometry_settings,
-    prostate_preprocessing,
-    spacing_canvas,
-)
-from .checks import (  # noqa: F401
-    check_volumes,
-)
-from .synthetic import (  # noqa: F401
-    DEMO_SITES,
-    DEMO_SOURCE_SITE,
-    GENERATOR_VERSION,
-    SITE_STYLES,
-    acquire,
-    default_cases_per_site,
-    ensure_demo_prostate,
-    generate_demo_prostate,
-    sample_anatomy,
-)
+from . import checks, lists, synthetic, transforms
+from .lists import *  # noqa: F401,F403  (each module lists its public names in __all__)
+from .transforms import *  # noqa: F401,F403
+from .checks import *  # noqa: F401,F403
+from .synthetic import *  # noqa: F401,F403
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "LAYOUTS",
-    "list_multisite",
-    "list_decathlon",
-    "list_image_label_folder",
-    "layout_channel",
-    "detect_layout",
-    "build_datalist",
-    "prostate_datalist",
-    "image_files",
-    "GEOMETRY_DEFAULTS",
-    "OriginalLabeld",
-    "RESAMPLE_MODES",
-    "SelectChanneld",
-    "geometry_settings",
-    "prostate_preprocessing",
-    "spacing_canvas",
-    "check_volumes",
-    "DEMO_SOURCE_SITE",
-    "DEMO_SITES",
-    "GENERATOR_VERSION",
-    "SITE_STYLES",
-    "default_cases_per_site",
-    "generate_demo_prostate",
-    "ensure_demo_prostate",
-    "sample_anatomy",
-    "acquire",
-]
+__all__ = lists.__all__ + transforms.__all__ + checks.__all__ + synthetic.__all__
