@@ -156,7 +156,6 @@ class PerCaseDiceWriter:
         logger.info("wrote %s", self.output_dir / f"{self.prefix}_per_case.csv")
 
 
-
 class CaseProgressLogger:
     """One log line per evaluator iteration: ``[done/total] case names (seconds so far)``.
 
