@@ -188,3 +188,31 @@ def test_style_shift_switch_reads_the_command_lines_strings(tmp_path, value, ena
     """``--style_shift false`` reaches the writer as the string "false", which ``bool`` calls true."""
     writer = StyleShiftWriter(tmp_path / "p.pt", tmp_path / "f.pt", tmp_path / "c.json", tmp_path / "out.csv", enabled=value)
     assert writer.enabled is enabled
+
+
+def test_the_flag_agrees_with_the_written_score_and_threshold(tmp_path):
+    """A source validation case scores its own calibration threshold up to float noise: the CSV
+    shows equal values, so it must not flag the case (the flag compares what is written)."""
+    threshold = 1234.56789
+    writer = StyleShiftWriter(tmp_path / "p.pt", tmp_path / "f.pt", tmp_path / "c.json", tmp_path / "out.csv")
+    writer.calibration = {"threshold": threshold, "n_cases": 1, "cases": [{"score": threshold}]}
+
+    class _Scorer:
+        def __init__(self):
+            self.scores = iter([threshold * (1 + 1e-12), threshold * 1.01])
+
+        def case_score(self, image):
+            return next(self.scores), 4
+
+    class _State:
+        batch = [{"image": torch.zeros(1, 8, 8, 4), "case": "at", "site": "A"},
+                 {"image": torch.zeros(1, 8, 8, 4), "case": "above", "site": "B"}]
+
+    class _Engine:
+        state = _State()
+
+    writer.scorer = _Scorer()
+    writer._score(_Engine())
+    flags = {r["case"]: r["flag"] for r in writer.rows}
+    assert flags == {"at": 0, "above": 1}
+    assert all(r["flag"] == int(r["score"] > r["threshold"]) for r in writer.rows)
