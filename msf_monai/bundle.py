@@ -530,7 +530,7 @@ def trained_geometry(checkpoint: str | os.PathLike | None, image_size: int | Non
     is given; a missing one gives the defaults without an error, so that the settings check runs
     first and the missing file is reported by ``find_checkpoint`` with the command that makes it."""
     from msf_monai.training_record import read_training_record
-    from msf_monai.transforms import GEOMETRY_DEFAULTS
+    from msf_monai.tasks.prostate import GEOMETRY_DEFAULTS
 
     found = [c for c in _checkpoint_candidates(checkpoint, bundle_root) if c.is_file()] if checkpoint is not None else []
     record = read_training_record(found[0]) if found else None
@@ -545,8 +545,8 @@ def check_geometry(checkpoint: str | os.PathLike, geometry: dict | None, what: s
     """Stop, before any work, a run whose in-plane geometry differs from the one ``checkpoint``
     was trained with (e.g. ``--resample resize`` on a model trained with ``spacing``): the
     network would see organs at another scale and fail silently. ``geometry`` is
-    :func:`msf_monai.transforms.geometry_settings`'s value (``None`` for ``resize``)."""
-    from msf_monai.transforms import GEOMETRY_DEFAULTS
+    :func:`msf_monai.tasks.prostate.geometry_settings`'s value (``None`` for ``resize``)."""
+    from msf_monai.tasks.prostate import GEOMETRY_DEFAULTS
 
     trained = trained_geometry(checkpoint)
     now = {**GEOMETRY_DEFAULTS, **(geometry or {})}

@@ -347,8 +347,11 @@ class StyleShiftWriter:
             score, n = self.scorer.case_score(item["image"])
             case = str(item.get("case", "")) or _source_name(item)
             percentile, level = readable_scale(score, self.calibration)
+            # the flag compares the values as written, so the CSV agrees with itself: a source case
+            # that scores its own calibration threshold (up to float noise) is not above it
+            shown_score, shown_threshold = float(f"{score:.6g}"), float(f"{threshold:.6g}")
             row = {"case": case, "site": str(item.get("site", "")), "image": _source_name(item, full=True),
-                   "score": float(f"{score:.6g}"), "threshold": float(f"{threshold:.6g}"), "flag": int(score > threshold),
+                   "score": shown_score, "threshold": shown_threshold, "flag": int(shown_score > shown_threshold),
                    "percentile": round(percentile, 1), "shift_level": round(level, 2), "n_images": n}
             self.rows.append(row)
             logger.info("style shift %s: level %.2f (%.0f%% of source validation cases score lower or equal)%s", case, level,

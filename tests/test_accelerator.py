@@ -67,6 +67,7 @@ def test_configs_use_the_resolved_settings(task, phase):
     assert "msf_monai.accelerator.configure_backends(@device" in json.dumps(parser["initialize"])
 
 
+@pytest.mark.slow
 def test_style_statistics_and_flow_samples_stay_float32_under_autocast(device):
     bank = StyleFlowBank({2: 4}).to(device)
     bank.fit({2: {"mean": torch.randn(40, 4), "var": torch.rand(40, 4) + 0.1}}, epochs=2, log_every=0)
@@ -79,6 +80,7 @@ def test_style_statistics_and_flow_samples_stay_float32_under_autocast(device):
     assert mean.device.type == device.type
 
 
+@pytest.mark.slow
 def test_phase3_step_with_the_resolved_amp_settings(device):
     """One MixStyleFlow step as the configs run it on this device (AMP with the resolved dtype on
     CUDA, float32 on CPU): finite losses, the stylized pass taken, weights updated."""
@@ -102,6 +104,7 @@ def test_phase3_step_with_the_resolved_amp_settings(device):
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+@pytest.mark.slow
 def test_training_steps_refuse_what_they_do_not_implement_and_run_compiled():
     from monai.data import MetaTensor
     from monai.inferers import SlidingWindowInferer

@@ -4,9 +4,11 @@
 import importlib.util
 import json
 
+import pytest
 from bundle_utils import REPO
 
 
+@pytest.mark.slow
 def test_benchmark_speed_smoke(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("benchmark_speed", REPO / "scripts" / "benchmark_speed.py")
     module = importlib.util.module_from_spec(spec)

@@ -1,5 +1,6 @@
 """The bundles' phase configs are generated from bundles/_templates and must be current."""
 
+import pytest
 import importlib.util
 
 from bundle_utils import REPO
@@ -12,6 +13,7 @@ def _build_configs():
     return module
 
 
+@pytest.mark.slow
 def test_generated_configs_are_up_to_date(capsys):
     assert _build_configs().main(check=True) == 0, capsys.readouterr().out
 
@@ -74,6 +76,7 @@ def test_prostate_bias_field_augmentation_is_an_option_off_by_default():
     assert float((ratio[:, :, 1:] - ratio[:, :, :-1]).abs().max()) < 0.1
 
 
+@pytest.mark.slow
 def test_every_module_the_configs_name_is_imported_with_the_package():
     """Configs import only ``msf_monai``; a ``msf_monai.<module>.`` they name must be an
     attribute of the package in a fresh interpreter (not only after a test imported it)."""

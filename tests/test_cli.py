@@ -48,6 +48,7 @@ SCRIPTS = ["benchmark_dg.py", "evaluate.py", "style_gallery.py", "package_bundle
            "benchmark_speed.py", "build_configs.py", "prepare_data.py msd_prostate", "prepare_data.py nci_isbi"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_answers_help_with_exit_0(script, tmp_path):
     name, *command = script.split()
@@ -58,6 +59,7 @@ def test_every_script_answers_help_with_exit_0(script, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.slow
 def test_a_bad_boolean_stops_the_benchmark_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_dg.py"), "prostate", "--methods", "none",
                            "--reuse", "maybe", "--work_dir", str(tmp_path / "bench")], text=True,
@@ -66,6 +68,7 @@ def test_a_bad_boolean_stops_the_benchmark_before_any_work(tmp_path):
     assert not (tmp_path / "bench").exists()
 
 
+@pytest.mark.slow
 def test_report_cli_says_what_is_wrong_without_a_traceback(tmp_path):
     import json
 

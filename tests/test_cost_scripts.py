@@ -41,6 +41,7 @@ def test_pipeline_cost_sums_the_recipe_logs_and_reads_the_dice(tmp_path, capsys)
     assert "Other: no finished seed" in out and "| MSF | 2 | 72.0 ± 2.0 | 5.4 min | 3.20 |" in out
 
 
+@pytest.mark.slow
 def test_memory_per_phase_measures_each_phase_in_its_own_process(tmp_path):
     out = tmp_path / "memory.json"
     subprocess.run([sys.executable, "scripts/memory_per_phase.py", "--sizes", "[32]", "--batch", "2", "--steps", "1",
@@ -50,6 +51,7 @@ def test_memory_per_phase_measures_each_phase_in_its_own_process(tmp_path):
     assert all(100 < v < 8000 for v in mib.values())  # a torch process, not more than this machine has
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_its_steps_and_writes_a_summary(tmp_path):
     """The prepared GPU check refuses a machine without CUDA, and (GPU_CHECK_ALLOW_CPU=1, tiny
     size) runs all its steps on CPU and writes the summary."""

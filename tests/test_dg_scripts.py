@@ -31,6 +31,7 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_evaluate_script_table_matches_per_case_csvs(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     ckpts = []
@@ -58,6 +59,7 @@ def test_evaluate_script_table_matches_per_case_csvs(tmp_path):
     assert (out / "dg_table.png").stat().st_size > 1000 and (out / "dg_table.md").is_file()
 
 
+@pytest.mark.slow
 def test_benchmark_script_trains_evaluates_and_tabulates(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     work = tmp_path / "bench"
@@ -92,6 +94,7 @@ def test_benchmark_script_trains_evaluates_and_tabulates(tmp_path):
     assert torch.load(state_file, weights_only=True)["finished"]
 
 
+@pytest.mark.slow
 def test_gallery_columns_stylize():
     from style_gallery import gallery_columns
 
@@ -116,6 +119,7 @@ def test_gallery_columns_stylize():
     assert len(net.image_decoder_styles) == 0  # the gallery leaves the network as it found it
 
 
+@pytest.mark.slow
 def test_the_table_gives_each_sites_style_shift_flags(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     from evaluate import write_table

@@ -38,6 +38,7 @@ def test_noise_and_rescale():
     torch.testing.assert_close(r.amax(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3)))
 
 
+@pytest.mark.slow
 def test_phase1_iteration_fires_events_and_combines_losses():
     torch.manual_seed(0)
     net = DualDecoderNet()
@@ -58,6 +59,7 @@ def _constant_style_sampler(channels, mean=3.0, std=2.0):
     return lambda n: (torch.full((n, channels), mean), torch.full((n, channels), std))
 
 
+@pytest.mark.slow
 def test_mixstyleflow_iteration_stylizes_and_sums_four_terms():
     torch.manual_seed(0)
     styles = {k: MixStyleFlow(_constant_style_sampler(c), p=1.0, lam=0.0) for k, c in {2: 32, 3: 16, 4: 16}.items()}
@@ -85,6 +87,7 @@ def test_mixstyleflow_iteration_requires_style_layers():
         trainer.run()
 
 
+@pytest.mark.slow
 def test_style_statistics_match_a_direct_computation(tmp_path):
     torch.manual_seed(0)
     net = DualDecoderNet().eval()
@@ -250,6 +253,7 @@ def test_stylized_image_saver_grid(tmp_path):
     np.testing.assert_array_equal(grid, same)
 
 
+@pytest.mark.slow
 def test_data_wait_timer_measures_a_slow_loader():
     import time as _time
 
@@ -279,6 +283,7 @@ def test_data_wait_timer_measures_a_slow_loader():
     assert record["data_wait_s"] < record["epoch_s"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stylized_weight", [1.0, 0.5])
 @pytest.mark.parametrize("stylized_bn", ["train", "frozen"])
 def test_phase3_two_backward_passes_give_the_gradient_of_the_summed_loss(stylized_bn, stylized_weight):

@@ -45,6 +45,7 @@ def _raise_in_a_process(code: str, **env):
                           env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_an_uncaught_user_error_is_its_message_and_exit_status_1():
     wrapped = "try:\n    raise ConfigValueError('--image_size 30: must be a multiple of 16')\n" \
               "except ValueError as err:\n    raise RuntimeError('Failed to evaluate') from err"

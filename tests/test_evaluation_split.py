@@ -15,8 +15,7 @@ import torch
 from bundle_utils import REPO, check, copy_bundle, run_bundle
 from msf_monai.bundle import ConfigValueError, evaluation_split, select_sites
 from msf_monai.data import split_by_patient
-from msf_monai.data.synthetic_prostate import generate_demo_prostate
-from msf_monai.networks import SegmentationOnlyNet
+from msf_monai.tasks.prostate.synthetic import generate_demo_prostate
 from msf_monai.training_record import read_training_record, training_record_file, write_training_record
 
 
@@ -82,6 +81,7 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_evaluate_script_leaves_training_patients_out(tmp_path):
     """Real-data defaults (no default source site), a training run with a non-default split,
     then ``scripts/evaluate.py`` without --source_site, --seed or --val_fraction."""
@@ -101,7 +101,7 @@ def test_evaluate_script_leaves_training_patients_out(tmp_path):
            "--output_dir", str(out), *common]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    from msf_monai.data import prostate_datalist
+    from msf_monai.tasks.prostate import prostate_datalist
 
     _, val = split_by_patient(select_sites(prostate_datalist(str(data)), "SiteA"), val_fraction=0.4, seed=2)
     rows = _read_csv(out / "per_case" / "Baseline_per_case.csv")

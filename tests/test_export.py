@@ -35,6 +35,7 @@ def test_metadata_describes_the_segmentation_network(bundle):
     assert (inference["in_channels"], inference["out_channels"]) == (in_ch, out_ch)
 
 
+@pytest.mark.slow
 def test_torchscript_is_scriptable_and_keeps_state_dict_keys():
     net = SegmentationOnlyNet(3, 2).eval()
     scripted = torch.jit.script(net)
@@ -43,6 +44,7 @@ def test_torchscript_is_scriptable_and_keeps_state_dict_keys():
     torch.testing.assert_close(scripted(x), net(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_ckpt_export_matches_the_eager_network(bundle, tmp_path):
     in_ch, out_ch = BUNDLES[bundle]

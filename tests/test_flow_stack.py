@@ -62,6 +62,7 @@ def test_stack_log_prob_equals_each_flow_and_padding_gets_no_gradient(base, devi
             torch.testing.assert_close(p, q, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["standard", "diagonal"])
 def test_joint_fit_takes_the_same_steps_as_separate_fits(base, device):
     """Same batches, per-flow clipping, per-flow early stopping: the joint fit must give the
@@ -86,6 +87,7 @@ def test_joint_fit_takes_the_same_steps_as_separate_fits(base, device):
     assert joint.is_fitted and not joint.training
 
 
+@pytest.mark.slow
 def test_joint_fit_resumes_with_the_same_result():
     stats = _stats(n=40)
     kw = dict(epochs=8, lr=3e-3, batch_size=8, val_fraction=0.25, seed=1, log_every=0)
@@ -130,6 +132,7 @@ def test_joint_fit_names_the_diverging_flow_and_checks_its_inputs():
         FlowStack([build_style_flow(4, num_blocks=2), build_style_flow(4, num_blocks=3)])
 
 
+@pytest.mark.slow
 def test_a_state_saved_by_separate_fits_is_continued_separately(monkeypatch):
     """Phase II states written before the joint fit (one entry per flow) still resume, the way
     they were saved, to the result of an uninterrupted separate fit."""

@@ -124,6 +124,7 @@ def test_build_style_flow_shapes(features):
 # ----------------------------------------------------------------------------- fitting
 
 
+@pytest.mark.slow
 def test_flow_beats_diagonal_gaussian(fitted_flow):
     flow, train, test, history = fitted_flow
     mu, var = train.mean(0), train.var(0)
@@ -246,6 +247,7 @@ def test_bank_config_and_validation():
         bank.fit(stats, epochs=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("statistic", ["std", "variance"])
 def test_bank_fit_sample_save_load(banks, statistic, tmp_path):
     bank, hist = banks[statistic]
@@ -305,6 +307,7 @@ def test_bank_load_errors(tmp_path):
         StyleFlowBank({2: 4}).save(tmp_path / "x.pt", bad=object())
 
 
+@pytest.mark.slow
 def test_fit_flow_keeps_the_best_validation_epoch():
     torch.manual_seed(0)
     data = torch.randn(60, 4) * torch.tensor([1.0, 2.0, 0.5, 1.0])
@@ -318,6 +321,7 @@ def test_fit_flow_keeps_the_best_validation_epoch():
     assert final == pytest.approx(best, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_style_pool_hands_out_the_banks_samples_in_order():
     torch.manual_seed(0)
     channels = {2: 8}

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from bundle_utils import SHARED_DATA, check, copy_bundle, run_bundle
-from msf_monai.data import generate_demo_fundus
+from msf_monai.tasks.fundus import generate_demo_fundus
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
 
@@ -53,6 +53,7 @@ def _assert_outputs(bundle, domains: set[str]):
     return net
 
 
+@pytest.mark.slow
 def test_demo_workflows_end_to_end(tmp_path):
     bundle = copy_bundle("fundus", tmp_path)
     _run_all(tmp_path)
@@ -87,6 +88,7 @@ def test_cup_inside_disc_after_post_processing(tmp_path):
     assert torch.equal(disc, raw[0])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "fundus_drishti_gs").is_dir(), reason="needs ../shared/data")
 def test_real_drishti_domain_next_to_a_synthetic_domain(tmp_path):
     data = tmp_path / "data"

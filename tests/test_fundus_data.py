@@ -13,31 +13,29 @@ import torch
 from PIL import Image
 
 from bundle_utils import SHARED_DATA
-from msf_monai.data import (
-    DEMO_FUNDUS_DOMAINS,
-    DEMO_FUNDUS_SOURCE_DOMAIN,
-    FUNDUS_DOMAIN_STYLES,
-    DataListError,
-    DataValidationError,
+from msf_monai.tasks.fundus import (
     acquire_fundus,
     build_fundus_datalist,
+    DEMO_FUNDUS_DOMAINS,
+    DEMO_FUNDUS_SOURCE_DOMAIN,
     detect_fundus_layout,
     ensure_demo_fundus,
     fundus_datalist,
+    FUNDUS_DOMAIN_STYLES,
     generate_demo_fundus,
-    group_by_site,
     list_drishti,
     list_fundus_domains,
     list_fundus_folder,
     parse_fundus_mapping,
     sample_fundus_anatomy,
 )
-from msf_monai.data import synthetic_fundus as sf
-from msf_monai.fundus_transforms import (
+from msf_monai.data import DataListError, DataValidationError, group_by_site
+from msf_monai.tasks.fundus import synthetic as sf
+from msf_monai.tasks.fundus import (
     CupInsideDiscd,
-    FundusMaskToChannelsd,
     fundus_mask_to_channels,
     fundus_preprocessing,
+    FundusMaskToChannelsd,
 )
 
 DRISHTI = SHARED_DATA / "fundus_drishti_gs"
@@ -59,6 +57,7 @@ def small_demo(tmp_path_factory):
 # ------------------------------------------------------------------------------------------
 # generator
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_layout_and_counts(small_demo):
     root, summary = small_demo
     assert DEMO_FUNDUS_DOMAINS[0] == DEMO_FUNDUS_SOURCE_DOMAIN and len(DEMO_FUNDUS_DOMAINS) >= 4
@@ -115,6 +114,7 @@ def test_masks_values_and_cup_inside_disc(small_demo):
     assert 0.2 < min(cdrs) and max(cdrs) < 0.8 and max(cdrs) - min(cdrs) > 0.15
 
 
+@pytest.mark.slow
 def test_generator_is_deterministic(tmp_path, small_demo):
     root, summary = small_demo
     a = generate_demo_fundus(tmp_path / "a", seed=3, images_per_domain=COUNTS, size=SMALL)
@@ -350,6 +350,7 @@ def test_list_fundus_folder_with_mapping(tmp_path):
         list_fundus_folder(tmp_path / "nomasks", mapping)
 
 
+@pytest.mark.slow
 def test_fundus_datalist_demo(tmp_path):
     demo = tmp_path / "demo_fundus"
     kw_root = tmp_path / "other"
@@ -481,7 +482,8 @@ def test_one_odd_mask_is_named_not_the_coding_of_the_others(tmp_path):
     """The palette coding is decided by most masks, so an odd first mask is the one reported."""
     from PIL import Image
 
-    from msf_monai.data import DataValidationError, check_fundus_images
+    from msf_monai.data import DataValidationError
+    from msf_monai.tasks.fundus import check_fundus_images
 
     root, names = _drishti_copy(tmp_path, n=4)
     odd = root / "masks" / names[0]  # the first mask, grey 0/128/255 instead of the palette

@@ -49,6 +49,7 @@ def _stylized_bn_effect(stylized_bn: str):
     return _bn_buffers(net), _bn_buffers(ref)
 
 
+@pytest.mark.slow
 def test_stylized_pass_leaves_batchnorm_statistics_unchanged_by_default():
     after, clean_only = _stylized_bn_effect("frozen")
     assert after.keys() == clean_only.keys() and len(after) > 20
@@ -56,6 +57,7 @@ def test_stylized_pass_leaves_batchnorm_statistics_unchanged_by_default():
         torch.testing.assert_close(after[key], clean_only[key], msg=key)
 
 
+@pytest.mark.slow
 def test_old_behaviour_lets_the_stylized_pass_update_batchnorm():
     after, clean_only = _stylized_bn_effect("train")
     changed = [k for k in after if "running_mean" in k and not torch.allclose(after[k], clean_only[k])]
@@ -98,6 +100,7 @@ def test_stylized_pass_gives_batchnorm_affine_parameters_no_gradient():
     assert grads[0][f"{bn[0]}.weight"] is not None  # the clean pass trains them
 
 
+@pytest.mark.slow
 def test_phase2_statistics_equal_the_phase3_regime(tmp_path):
     torch.manual_seed(0)
     net = DualDecoderNet()
@@ -157,6 +160,7 @@ def _fitted_bank(seed=0):
     return bank, stats
 
 
+@pytest.mark.slow
 def test_relative_guard_keeps_samples_within_the_observed_range(tmp_path):
     bank, stats = _fitted_bank()
     # perturb the flow so that it emits outliers: a huge shift on one output channel
@@ -247,6 +251,7 @@ def test_residual_stylization_keeps_the_input_detail():
         MixStyleFlowIteration(stylized_bn="eval")
 
 
+@pytest.mark.slow
 def test_perturbation_is_measured_and_logged(tmp_path):
     torch.manual_seed(0)
     net = _styled_net()
@@ -291,6 +296,7 @@ def test_gin_method_trains_with_a_clean_reconstruction_target():
     assert not torch.allclose(out["stylized"], out["image"])  # ... from the GIN-augmented one
 
 
+@pytest.mark.slow
 def test_reference_unet_trains_and_is_recognised(tmp_path):
     method = get_method("unet")
     net = build_network(method.architecture)
@@ -369,6 +375,7 @@ def test_version_1_flow_checkpoints_still_load_without_the_relative_guard(tmp_pa
     assert mean.shape == (10, 4) and "no observed statistics range" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "prostate_nci_isbi").is_dir(), reason="needs ../shared/data")
 def test_new_arms_run_through_the_bundle(tmp_path):
     """Encoder-level MixStyleFlow (Phase II on encoder statistics, then Phase III), residual

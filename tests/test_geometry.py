@@ -15,10 +15,10 @@ from monai.bundle import ConfigParser
 
 from bundle_utils import REPO, check, copy_bundle, inverted_label_dice, run_bundle
 from msf_monai.bundle import ConfigValueError, check_geometry, trained_geometry
-from msf_monai.data import generate_demo_prostate
+from msf_monai.tasks.prostate import generate_demo_prostate
 from msf_monai.handlers import case_dice
 from msf_monai.training_record import write_training_record
-from msf_monai.transforms import geometry_settings, prostate_preprocessing, spacing_canvas
+from msf_monai.tasks.prostate import geometry_settings, prostate_preprocessing, spacing_canvas
 
 RADIUS_MM = 15.0
 
@@ -38,6 +38,7 @@ def _disc_volume(folder, name, spacing, size, slices=4):
     return {"image": str(folder / f"{name}.nii.gz"), "label": str(folder / f"{name}_Segmentation.nii.gz")}
 
 
+@pytest.mark.slow
 def test_spacing_keeps_the_physical_size_resize_does_not(tmp_path):
     # the same anatomy from a 120 mm (0.5 mm) and a 160 mm (0.8 mm) field of view
     fine = _disc_volume(tmp_path, "fine", 0.5, 240)
@@ -53,6 +54,7 @@ def test_spacing_keeps_the_physical_size_resize_does_not(tmp_path):
     assert area(fine, resample="resize") / area(coarse, resample="resize") == pytest.approx((160 / 120) ** 2, rel=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_size", [64, 224])
 def test_spacing_predictions_go_back_to_the_original_grid(tmp_path, image_size):
     """A prediction equal to the preprocessed label, inverted, is the original label on the
@@ -169,6 +171,7 @@ def test_original_geometry_dice_is_computed_on_the_scans_grid(tmp_path, eval_spa
         assert dice == pytest.approx(2 * resized.sum() / (resized.size + resized.sum()), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_spacing_workflow_is_given_once_and_a_different_geometry_is_refused(tmp_path):
     """Phase I trained with --resample spacing records it; evaluation follows it without being
     told, writes its protocol, and refuses --resample resize with the flags to use."""

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from bundle_utils import check, copy_bundle, run_bundle
-from msf_monai.data import DataValidationError, check_volumes, fundus_image_files, image_files, prostate_datalist
+from msf_monai.data import DataValidationError
+from msf_monai.tasks.prostate import check_volumes, image_files, prostate_datalist
+from msf_monai.tasks.fundus import fundus_image_files
 from msf_monai.networks import SegmentationOnlyNet
-from msf_monai.transforms import prostate_preprocessing
+from msf_monai.tasks.prostate import prostate_preprocessing
 
 SIZE = ("--image_size", "32")
 
@@ -85,6 +87,7 @@ def test_two_images_that_would_write_one_mask_are_refused_naming_both(tmp_path):
     assert [it["case"] for it in fundus_image_files(photos)] == ["x", "y"]
 
 
+@pytest.mark.slow
 def test_inference_refuses_ambiguous_names_before_any_work(tmp_path):
     bundle = _trained_bundle(tmp_path)
     images = tmp_path / "images"
@@ -95,6 +98,7 @@ def test_inference_refuses_ambiguous_names_before_any_work(tmp_path):
     assert not (bundle / "inference").exists()  # nothing was written
 
 
+@pytest.mark.slow
 def test_an_inference_run_never_mixes_its_outputs_with_an_earlier_runs(tmp_path):
     bundle = _trained_bundle(tmp_path)
     first, second = tmp_path / "first", tmp_path / "second"
@@ -176,6 +180,7 @@ def test_4d_image_outside_the_decathlon_layout_is_a_data_problem_in_training(tmp
     assert isinstance(err.value.__cause__, ValueError) and str(four_d) in str(err.value.__cause__)
 
 
+@pytest.mark.slow
 def test_4d_image_gets_the_same_answer_from_training_and_inference(tmp_path):
     bundle = _trained_bundle(tmp_path)
     data = tmp_path / "data"

@@ -61,6 +61,7 @@ def _style_modules(net, iteration):
     return modules
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_changes_training_not_evaluation(bundle, method):
     parser = _parser(bundle, method)
@@ -109,6 +110,7 @@ def test_method_outputs_are_kept_apart(bundle):
     assert parser.get_parsed_content("checkpoint_name") == "model.pt"
 
 
+@pytest.mark.slow
 def test_maxstyle_search_makes_the_batch_harder(bundle):
     """MaxStyle's adversarial steps raise the segmentation loss of the stylized batch, and leave
     the network's weights and batch-norm running statistics (and batch counters) untouched."""
@@ -147,6 +149,7 @@ def test_maxstyle_search_makes_the_batch_harder(bundle):
     assert losses[5] > losses[0], losses
 
 
+@pytest.mark.slow
 def test_phase3_settings_reach_the_step_and_init_from_phase1_loads_phase1_weights(bundle, tmp_path):
     """``stylized_weight`` and ``style_p`` of phase3.json reach the training step and the style
     layers; ``init_from_phase1`` starts Phase III from the Phase I checkpoint (default: from scratch)."""
@@ -180,6 +183,7 @@ def test_phase3_settings_reach_the_step_and_init_from_phase1_loads_phase1_weight
     assert any(not torch.equal(fresh[k], v) for k, v in phase1.items() if k.endswith("weight"))
 
 
+@pytest.mark.slow
 def test_unknown_style_method_is_a_clear_error(tmp_path):
     copy_bundle("prostate", tmp_path)
     proc = run_bundle(tmp_path, "phase3", "--style_method", "mixstyel", "--image_size", "32")
@@ -189,6 +193,7 @@ def test_unknown_style_method_is_a_clear_error(tmp_path):
     assert not (tmp_path / "bundles" / "prostate" / "demo_data").exists(), "work started before the check"
 
 
+@pytest.mark.slow
 def test_a_baseline_trains_end_to_end_through_the_bundle(tmp_path):
     """``--style_method dsu`` needs no Phase I/II outputs and writes its own checkpoint."""
     target = copy_bundle("prostate", tmp_path)

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from bundle_utils import REPO, copy_bundle
-from msf_monai.data import generate_demo_prostate
+from msf_monai.tasks.prostate import generate_demo_prostate
 
 # --------------------------------------------------------------------------------------------
 # GradientSync on known per-rank values (two gloo processes)
@@ -203,6 +203,7 @@ def _check_data_parallel_run(out, probe_dir, states):
     assert float((delta > 2 * decay_only + 1e-7).float().mean()) > 0.5
 
 
+@pytest.mark.slow
 def test_torchrun_phase1_two_cpu_processes_train_disjoint_shares_in_sync(tmp_path):
     out, bundle, probe_dir, states = _torchrun(tmp_path, "phase1")
     _check_data_parallel_run(out, probe_dir, states)
@@ -219,6 +220,7 @@ def test_torchrun_phase1_two_cpu_processes_train_disjoint_shares_in_sync(tmp_pat
     assert out.count("SupervisedEvaluator - INFO - Engine run finished") == 2
 
 
+@pytest.mark.slow
 def test_torchrun_phase3_mixstyleflow_two_cpu_processes_stay_in_sync(tmp_path):
     """Phase III's two backward passes per step (clean, then stylized) are averaged once, after
     both; the stylized pass runs on every rank's own share."""

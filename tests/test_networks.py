@@ -5,6 +5,7 @@ from torch import nn
 from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet, image_decoder_channels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_ch,out_ch", [(1, 1), (3, 2)])
 @pytest.mark.parametrize("size", [(32, 32), (64, 48)])
 def test_output_shapes(in_ch, out_ch, size):
@@ -30,6 +31,7 @@ def test_custom_widths():
     assert seg.shape == rec.shape == (1, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
     net = DualDecoderNet(in_channels=3, out_channels=2).train()

@@ -1,13 +1,12 @@
-"""scripts/package_bundle.py and the style-shift score: a model-zoo archive of a (tiny) trained
-prostate bundle, unpacked elsewhere, runs inference with masks on the original grid and a
-style-shift score per case."""
+"""scripts/package_bundle.py: a model-zoo archive of a (tiny) trained prostate bundle, unpacked
+elsewhere, runs inference with masks on the original grid and a style-shift score per case,
+and evaluates the recorded split."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
-import logging
 import zipfile
 
 import nibabel as nib
@@ -16,12 +15,13 @@ import pytest
 import torch
 
 from bundle_utils import REPO, check, copy_bundle
-from msf_monai.data import generate_demo_prostate, image_files, split_by_patient
+from msf_monai.tasks.prostate import generate_demo_prostate, image_files
+from msf_monai.data import split_by_patient
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
-from msf_monai.style_shift import StyleShiftScorer, StyleShiftWriter, calibrate_style_shift, image_slices
+from msf_monai.style_shift import calibrate_style_shift, image_slices
 from msf_monai.training_record import write_training_record
-from msf_monai.transforms import prostate_preprocessing
+from msf_monai.tasks.prostate import prostate_preprocessing
 
 SIZE = 32
 
@@ -52,166 +52,6 @@ def _tiny_trained_models(models, source_items):
     return phase1, pre
 
 
-def _direct_slice_scores(net, bank, images: torch.Tensor) -> torch.Tensor:
-    """The style-shift score computed without the scorer or ``bank.log_prob``: the image decoder's
-    feature maps from forward hooks, the spread as ``torch.std`` (``statistic="std"``) or
-    ``torch.var`` (``"variance"``), and each layer's mean flow and spread flow on their own."""
-    feats = {}
-    hooks = [net.image_decoder[k - 1].register_forward_hook(lambda m, i, o, k=k: feats.__setitem__(k, o)) for k in bank.layers]
-    net.eval()
-    try:
-        with torch.no_grad():
-            net(images.float())
-    finally:
-        for h in hooks:
-            h.remove()
-    total = torch.zeros(images.shape[0])
-    with torch.no_grad():
-        for k, c in bank.layer_channels.items():
-            f = feats[k]
-            spread = f.std(dim=(2, 3), unbiased=False) if bank.statistic == "std" else f.var(dim=(2, 3), unbiased=False)
-            lp = bank.mean_flows[str(k)].log_prob(f.mean(dim=(2, 3))) + bank.spread_flows[str(k)].log_prob(spread)
-            total += -lp / (2 * c)
-    return total / len(bank.layers)
-
-
-def _varied_images(n, seed=0):
-    """Images of different contrast and brightness: styles that differ from image to image."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, SIZE, SIZE, generator=g) * torch.linspace(0.2, 3.0, n).view(n, 1, 1, 1) + torch.linspace(-1, 1, n).view(n, 1, 1, 1)
-
-
-def _trained_like_net(seed=0):
-    """A Phase I network whose batch-norm running statistics are those of real data (as after
-    training): with the initial ones (0, 1) its decoder features hardly depend on the input."""
-    torch.manual_seed(seed)
-    net = DualDecoderNet()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: one pass sets the statistics of the batch
-    with torch.no_grad():
-        net.train()(_varied_images(16, seed=seed + 100))
-    return net.eval()
-
-
-def _bank_on_features(net, x, statistic, epochs=1):
-    with torch.no_grad():
-        _, feats = net.reconstruct(net.encode(x), return_features=True)
-    stats = {k: {"mean": feats[k].mean(dim=(2, 3)), "var": feats[k].var(dim=(2, 3), unbiased=False)} for k in (2, 3, 4)}
-    bank = StyleFlowBank({2: 32, 3: 16, 4: 16}, statistic=statistic)
-    bank.fit(stats, epochs=epochs, batch_size=6, val_fraction=0.0, log_every=0)
-    return bank
-
-
-@pytest.mark.parametrize("statistic", ["std", "variance"])
-def test_scores_are_the_flows_negative_log_likelihood_per_statistic(statistic):
-    net = _trained_like_net()
-    x = _varied_images(6)
-    bank = _bank_on_features(net, x, statistic)
-    scorer = StyleShiftScorer(net, bank, batch_size=4)
-    expected = _direct_slice_scores(net, bank, x)
-    assert float(expected.max() - expected.min()) > 0.1  # the images do score differently
-    torch.testing.assert_close(scorer.slice_scores(x), expected, rtol=1e-4, atol=1e-4)
-    # the other statistic fed to the same spread flows gives other scores: the check can tell
-    other = f"{'variance' if statistic == 'std' else 'std'}"
-    bank.statistic = other
-    assert not torch.allclose(_direct_slice_scores(net, bank, x), expected, rtol=1e-3, atol=1e-3)
-    bank.statistic = statistic
-    # a volume [C, H, W, D] is scored slice by slice: the case score is the median
-    volume = x.permute(1, 2, 3, 0)
-    score, n = scorer.case_score(volume)
-    assert n == 6 and score == pytest.approx(float(expected.median()), rel=1e-4, abs=1e-4)
-    # images of another size are resized to the calibrated size first
-    scorer32 = StyleShiftScorer(net, bank, image_size=SIZE)
-    big = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
-    assert torch.isfinite(scorer32.slice_scores(big)).all()
-
-
-def test_calibration_threshold_is_the_configured_quantile_of_the_case_scores(tmp_path):
-    net = _trained_like_net()
-    torch.save(net.state_dict(), tmp_path / "phase1_model.pt")
-    bank = _bank_on_features(net, _varied_images(12, seed=1), "std", epochs=2)
-    bank.save(tmp_path / "style_flows.pt")
-    # five "volumes" [1, H, W, 3] of increasingly unusual intensity: five different case scores
-    g = torch.Generator().manual_seed(1)
-    volumes = [torch.rand(1, SIZE, SIZE, 3, generator=g) * (1 + i) + 0.3 * i for i in range(5)]
-    val_list = [{"image": v, "case": f"c{i}", "site": "A"} for i, v in enumerate(volumes)]
-    expected = np.array([float(_direct_slice_scores(net, bank, v.permute(3, 0, 1, 2)).median()) for v in volumes])
-    assert len(set(np.round(expected, 4))) == 5
-    for quantile in (0.3, 0.95):
-        out = tmp_path / f"style_shift_{quantile}.json"
-        result = calibrate_style_shift(net, tmp_path / "style_flows.pt", tmp_path / "phase1_model.pt", val_list,
-                                       lambda d: d, out, quantile=quantile)
-        np.testing.assert_allclose([c["score"] for c in result["cases"]], expected, rtol=1e-4, atol=1e-4)
-        assert [c["case"] for c in result["cases"]] == [f"c{i}" for i in range(5)]
-        # numpy's (linear) quantile of the case scores, computed here from the direct scores
-        assert result["threshold"] == pytest.approx(float(np.quantile(expected, quantile)), rel=1e-4, abs=1e-4)
-        assert json.loads(out.read_text())["threshold"] == result["threshold"] and result["quantile"] == quantile
-    # between the 2nd and 3rd smallest of five scores for q = 0.3 (position 1.2): not a case's own score
-    low = np.sort(expected)
-    assert low[1] < float(np.quantile(expected, 0.3)) < low[2]
-
-
-def test_phase2_calibrates_on_the_source_sites_validation_cases(tmp_path):
-    """phase2.json's calibration step scores exactly the source site's validation patients (none
-    trained on, no other site) and saves the configured quantile of their scores."""
-    from monai.bundle import ConfigParser
-
-    from msf_monai.transforms import prostate_preprocessing as pre
-
-    data = tmp_path / "data"
-    generate_demo_prostate(data, cases_per_site={"SiteA": 6, "SiteB": 2}, sites=["SiteA", "SiteB"], shape=(40, 40, 4))
-    bundle = copy_bundle("prostate", tmp_path)
-    phase1 = _trained_like_net()
-    (bundle / "models").mkdir()
-    torch.save(phase1.state_dict(), bundle / "models" / "phase1_model.pt")
-    bank = _bank_on_features(phase1, _varied_images(12, seed=1), "std")
-    bank.save(bundle / "models" / "style_flows.pt")
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "phase2.json"))
-    parser.update({"bundle_root": str(bundle), "dataset_dir": str(data), "source_site": "SiteA", "image_size": SIZE,
-                   "val_fraction": 0.5, "style_shift_quantile": 0.4, "device": "$torch.device('cpu')"})
-    # Phase II's evaluator loads the Phase I weights before this step; here they are loaded directly
-    parser.get_parsed_content("network").load_state_dict(phase1.state_dict())
-    run = parser.get("run")
-    step = next(i for i, expr in enumerate(run) if "calibrate_style_shift" in str(expr))
-    parser.get_parsed_content(f"run#{step}")
-    result = json.loads((bundle / "models" / "style_shift.json").read_text())
-
-    source = [d for d in image_files(data / "SiteA")]
-    trained = {d["case"] for d in parser.get_parsed_content("train_list")}
-    cases = [c["case"] for c in result["cases"]]
-    assert len(cases) == 3 and {c["site"] for c in result["cases"]} == {"SiteA"}
-    assert set(cases) <= {d["case"] for d in source} and not set(cases) & trained
-    assert len(trained) == 3
-    by_case = {d["case"]: d for d in source}
-    expected = []
-    for case in cases:
-        image = pre(SIZE, keys=["image"])({"image": by_case[case]["image"]})["image"]
-        expected.append(float(_direct_slice_scores(phase1, bank, image_slices(image)).median()))
-    np.testing.assert_allclose([c["score"] for c in result["cases"]], expected, rtol=1e-4, atol=1e-4)
-    assert result["threshold"] == pytest.approx(float(np.quantile(expected, 0.4)), rel=1e-4, abs=1e-4)
-    assert result["quantile"] == 0.4 and result["source_site"] == "SiteA"
-
-
-def test_writer_without_phase2_files_warns_and_writes_no_scores(tmp_path, caplog):
-    writer = StyleShiftWriter(tmp_path / "phase1_model.pt", tmp_path / "style_flows.pt", tmp_path / "style_shift.json",
-                              tmp_path / "out.csv", how_to_create="python -m monai.bundle run --config_file x/phase2.json")
-
-    class _State:
-        device = "cpu"
-
-    class _Engine:
-        state = _State()
-
-    with caplog.at_level(logging.WARNING, logger="msf_monai.style_shift"):
-        writer._start(_Engine())
-    assert "style_flows.pt" in caplog.text and "phase2.json" in caplog.text and "--style_shift false" in caplog.text
-    writer._write(_Engine())
-    assert not (tmp_path / "out.csv").exists()
-
-
 def test_packaging_an_untrained_bundle_fails_clearly(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     with pytest.raises(SystemExit) as err:
@@ -219,6 +59,7 @@ def test_packaging_an_untrained_bundle_fails_clearly(tmp_path):
     assert "model.pt" in str(err.value) and "phase1.json" in str(err.value)
 
 
+@pytest.mark.slow
 def test_packaged_archive_runs_inference_anywhere(tmp_path):
     data = tmp_path / "data"
     generate_demo_prostate(data, cases_per_site={"SiteA": 3, "SiteB": 2}, sites=["SiteA", "SiteB"], shape=(40, 40, 4))
@@ -288,8 +129,3 @@ def test_packaged_archive_runs_inference_anywhere(tmp_path):
     assert not (elsewhere / "prostate" / "demo_data").exists()
 
 
-@pytest.mark.parametrize("value,enabled", [("false", False), ("False", False), ("0", False), ("true", True), (True, True)])
-def test_style_shift_switch_reads_the_command_lines_strings(tmp_path, value, enabled):
-    """``--style_shift false`` reaches the writer as the string "false", which ``bool`` calls true."""
-    writer = StyleShiftWriter(tmp_path / "p.pt", tmp_path / "f.pt", tmp_path / "c.json", tmp_path / "out.csv", enabled=value)
-    assert writer.enabled is enabled

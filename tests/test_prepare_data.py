@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from bundle_utils import REPO, check, copy_bundle, run_bundle
-from msf_monai.data import DataValidationError, external_datalist, generate_demo_fundus, generate_demo_prostate, prostate_datalist
+from msf_monai.data import DataValidationError, external_datalist
+from msf_monai.tasks.fundus import generate_demo_fundus
+from msf_monai.tasks.prostate import generate_demo_prostate, prostate_datalist
 from msf_monai.data.prepare import (
     MULTISITE_PROSTATE_SITES,
     PreparationError,
@@ -87,6 +89,7 @@ def _labels_merged(folder):
         assert set(np.unique(np.asarray(nib.load(str(label)).dataobj))) <= {0, 1}, label
 
 
+@pytest.mark.slow
 def test_msd_and_six_site_archives_train_and_test_as_in_the_paper(tmp_path, volumes):
     msd, six = tmp_path / "msd", tmp_path / "six_sites"
     assert prepare_msd_prostate(_msd_archive(tmp_path, volumes), msd) == {"Decathlon": 8}
@@ -178,6 +181,7 @@ def test_fundus_5domain_archive(tmp_path):
         prepare_fundus_5domain(src, tmp_path / "out2")
 
 
+@pytest.mark.slow
 def test_prepare_data_command_line(tmp_path, volumes):
     """The fire command: a report of cases per site, and a clean one-line error (exit 1)."""
     src = tmp_path / "nci"

@@ -72,6 +72,7 @@ def _assert_outputs(bundle, n_eval_cases: int, sites: set[str], demo: bool = Tru
         assert s["prostate"]["mean"] == pytest.approx(np.mean(values))
 
 
+@pytest.mark.slow
 def test_phase3_before_phase2_fails_clearly(tmp_path):
     copy_bundle("prostate", tmp_path)
     proc = run_bundle(tmp_path, "phase3", *TINY, "--epochs", "1")
@@ -83,6 +84,7 @@ def test_phase3_before_phase2_fails_clearly(tmp_path):
     assert not (tmp_path / "bundles" / "prostate" / "demo_data").exists()
 
 
+@pytest.mark.slow
 def test_demo_workflows_end_to_end(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     out = check(run_bundle(tmp_path, "phase1", *TINY, "--epochs", "2"))
@@ -97,6 +99,7 @@ def test_demo_workflows_end_to_end(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundles"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "prostate_nci_isbi").is_dir(), reason="needs ../shared/data")
 def test_real_volumes_in_multisite_layout(tmp_path):
     data = tmp_path / "data"
@@ -132,7 +135,7 @@ def test_real_volumes_in_multisite_layout(tmp_path):
 def test_inverted_preprocessing_puts_masks_back_on_the_original_grid():
     """Inference's geometry on a real, non-RAS volume: a 'prediction' equal to the preprocessed
     label, inverted with the preprocessing, matches the original label."""
-    from msf_monai.transforms import prostate_preprocessing
+    from msf_monai.tasks.prostate import prostate_preprocessing
 
     src = SHARED_DATA / "prostate_nci_isbi"
     item = {"image": str(src / "Case30.nii.gz"), "label": str(src / "Case30_Segmentation.nii.gz")}

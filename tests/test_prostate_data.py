@@ -13,22 +13,20 @@ import numpy as np
 import pytest
 
 from bundle_utils import SHARED_DATA
-from msf_monai.data import (
+from msf_monai.tasks.prostate import (
+    build_datalist,
     DEMO_SITES,
     DEMO_SOURCE_SITE,
-    SITE_STYLES,
-    DataListError,
-    build_datalist,
     detect_layout,
     ensure_demo_prostate,
     generate_demo_prostate,
-    group_by_site,
     list_decathlon,
     list_image_label_folder,
     list_multisite,
-    split_by_patient,
+    SITE_STYLES,
 )
-from msf_monai.data import synthetic_prostate as sp
+from msf_monai.data import DataListError, group_by_site, split_by_patient
+from msf_monai.tasks.prostate import synthetic as sp
 
 NCI = SHARED_DATA / "prostate_nci_isbi"
 SMALL = (40, 40, 12)
@@ -48,6 +46,7 @@ def small_demo(tmp_path_factory):
 # ------------------------------------------------------------------------------------------
 # generator
 # ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_layout_and_files(small_demo):
     root, summary = small_demo
     assert list(DEMO_SITES)[0] == DEMO_SOURCE_SITE and len(DEMO_SITES) >= 4
@@ -85,6 +84,7 @@ def test_demo_layout_and_files(small_demo):
         assert 0.002 < lbl.mean() < 0.1
 
 
+@pytest.mark.slow
 def test_demo_deterministic(tmp_path, small_demo):
     root, summary = small_demo
     kw = dict(cases_per_site={s: (2 if s == DEMO_SOURCE_SITE else 1) for s in DEMO_SITES},
@@ -147,6 +147,7 @@ def test_sites_differ_in_intensity(small_demo):
     assert max(raw.values()) > 1.5 * min(raw.values()), raw
 
 
+@pytest.mark.slow
 def test_ensure_is_idempotent_and_regenerates(tmp_path, caplog):
     root = tmp_path / "demo"
     kw = dict(cases_per_site=1, shape=(24, 24, 8))
@@ -253,6 +254,7 @@ def _write_mhd_pair(folder: Path, case: str):
     itk.imwrite(lab, str(folder / f"{case}_segmentation.mhd"))
 
 
+@pytest.mark.slow
 def test_list_multisite_real_files(multisite_root):
     _write_mhd_pair(multisite_root / "Promise", "Case07")
     assert detect_layout(multisite_root) == "multisite"
@@ -419,7 +421,7 @@ def test_split_real_list():
 def test_preprocessing_keeps_the_listed_channel_of_4d_volumes(tmp_path):
     import nibabel as nib
 
-    from msf_monai.transforms import prostate_preprocessing
+    from msf_monai.tasks.prostate import prostate_preprocessing
 
     vol = np.zeros((16, 16, 4, 2), dtype=np.float32)
     vol[..., 0] = np.linspace(0, 1, 16)[:, None, None]  # T2: a ramp

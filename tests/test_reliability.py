@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -23,7 +22,9 @@ from PIL import Image
 
 from bundle_utils import check, copy_bundle, run_bundle
 from msf_monai.bundle import ConfigValueError, PhaseError, check_settings
-from msf_monai.data import DataValidationError, check_fundus_images, check_volumes, prostate_datalist
+from msf_monai.data import DataValidationError
+from msf_monai.tasks.fundus import check_fundus_images
+from msf_monai.tasks.prostate import check_volumes, prostate_datalist
 from msf_monai.flow_fit import FlowFitError, fit_flow
 from msf_monai.flow_model import build_style_flow
 from msf_monai.flows import StyleFlowBank
@@ -94,6 +95,7 @@ def _signal_phase1_after(tmp_path, args, marker: str, sig) -> tuple[subprocess.P
     return proc, lines
 
 
+@pytest.mark.slow
 def test_phase1_killed_after_a_checkpoint_resumes_with_the_same_command(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data")
@@ -123,6 +125,7 @@ def test_phase1_killed_after_a_checkpoint_resumes_with_the_same_command(tmp_path
     assert "Epoch[1] Complete" not in again.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data")
@@ -170,6 +173,7 @@ def _tensorboard_losses(folder: Path) -> list[float]:
     return [e.value for e in acc.Scalars("train_loss")]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_phase1_losses_on_cpu(tmp_path):
     data = tiny_dataset(tmp_path / "data")
     runs = []
@@ -186,6 +190,7 @@ def test_same_seed_gives_bit_identical_phase1_losses_on_cpu(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # bad data, found before any work
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_missing_and_empty_dataset_dir_fail_cleanly(tmp_path):
     copy_bundle("prostate", tmp_path)
     missing = tmp_path / "nowhere"
@@ -197,6 +202,7 @@ def test_missing_and_empty_dataset_dir_fail_cleanly(tmp_path):
     assert str(empty) in str(err.value)
 
 
+@pytest.mark.slow
 def test_every_problem_of_a_data_set_is_reported_at_once_before_training(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data", n=3)
@@ -219,7 +225,8 @@ def test_every_problem_of_a_data_set_is_reported_at_once_before_training(tmp_pat
 
 
 def test_broken_symbolic_links_are_named_as_such(tmp_path):
-    from msf_monai.data import fundus_datalist, prostate_datalist
+    from msf_monai.tasks.fundus import fundus_datalist
+    from msf_monai.tasks.prostate import prostate_datalist
     from msf_monai.data.validation import DataValidationError
 
     data = tiny_dataset(tmp_path / "data", n=3)
@@ -343,6 +350,7 @@ def test_fundus_truncated_png_and_mask_problems_name_the_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # settings
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_settings_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigValueError, match="divisible|multiple of 16"):
         check_settings(image_size=100)
@@ -365,6 +373,7 @@ def _flow(seed=0):
     return build_style_flow(4, num_blocks=2)
 
 
+@pytest.mark.slow
 def test_flow_fit_resumed_from_a_checkpoint_equals_an_uninterrupted_fit():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 4, generator=gen) * torch.tensor([1.0, 2.0, 3.0, 4.0]) + 1

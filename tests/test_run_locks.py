@@ -69,6 +69,7 @@ def _dead_pid() -> int:
 # ---------------------------------------------------------------------------------------------
 # two runs at once
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_run_on_the_same_checkpoint_stops_before_any_work_and_the_first_finishes(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data")
@@ -100,6 +101,7 @@ def test_a_second_run_on_the_same_checkpoint_stops_before_any_work_and_the_first
     assert not lock.exists()  # released at the end of the run
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_a_stale_lock_the_next_run_takes_over_and_phase2_waits_for_phase1(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     data = tiny_dataset(tmp_path / "data")
@@ -155,6 +157,7 @@ def _holder(checkpoint: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_a_live_lock_stops_a_second_holder_and_other_checkpoints_of_the_folder_stay_free(tmp_path):
     dsu, mixstyle = tmp_path / "model_dsu.pt", tmp_path / "model_mixstyle.pt"
     holder = _holder(dsu)
@@ -181,6 +184,7 @@ def test_a_live_lock_stops_a_second_holder_and_other_checkpoints_of_the_folder_s
         lock.release()
 
 
+@pytest.mark.slow
 def test_a_lock_file_naming_a_dead_process_is_taken_over_with_a_notice(tmp_path, caplog):
     checkpoint = tmp_path / "phase1_model.pt"
     dead = _dead_pid()
@@ -204,6 +208,7 @@ def test_a_lock_of_another_host_is_not_taken_over(tmp_path):
     assert Path(f"{checkpoint}.lock").exists()
 
 
+@pytest.mark.slow
 def test_without_os_file_locks_the_pid_decides(tmp_path, monkeypatch):
     """Where the file system has no ``flock`` (e.g. some network mounts), a lock naming a live
     process of this host is respected and one naming a dead process is taken over."""
@@ -248,6 +253,7 @@ def _checkpointer(folder: Path, resume=True) -> TrainingCheckpointer:
                                 best_path=folder / "phase1_model.pt", resume=resume)
 
 
+@pytest.mark.slow
 def test_require_finished_run_decisions(tmp_path, caplog):
     model, state = tmp_path / "phase1_model.pt", tmp_path / "phase1_model_resume.pt"
     torch.save(DualDecoderNet().state_dict(), model)

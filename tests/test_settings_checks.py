@@ -33,6 +33,7 @@ BAD_VALUES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,args,message", BAD_VALUES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_values_stop_before_any_work(tmp_path, config, args, message):
     bundle = copy_bundle("prostate", tmp_path)
@@ -56,6 +57,7 @@ def test_all_bad_values_are_reported_together():
         check_settings(epoch=3)  # a rule must exist for every checked id
 
 
+@pytest.mark.slow
 def test_unknown_setting_stops_the_run_with_the_nearest_ids(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     proc = run_bundle(tmp_path, "phase1", "--epoch", "1", "--image_size", "32", timeout=300)
@@ -79,6 +81,7 @@ def test_override_keys_against_config_ids():
     assert check_overrides([main, "run", "--config_file", cfg, "--epochs", "1", "--meta_file", "m.json"])
 
 
+@pytest.mark.slow
 def test_scripts_refuse_unknown_settings(tmp_path):
     bundle = copy_bundle("prostate", tmp_path)
     for script in ("benchmark_dg.py", "style_gallery.py"):

@@ -1,120 +1,14 @@
-"""Data helpers: synthetic multi-site prostate and multi-domain fundus demo data, and data
-lists for real layouts."""
+"""What every task's data code shares: data-list errors and patient splits (:mod:`.core`), the
+data-check result and its error (:mod:`.validation`), slice datasets (:mod:`.slices`), test
+folders beside the training data (:mod:`.external_sites`), installing a generated demo folder
+(:mod:`.demo_install`) and preparing the public archives (:mod:`.prepare`, imported on use). The
+task-specific lists, transforms, checks and demo generators are in :mod:`msf_monai.tasks`."""
 
-from .fundus_lists import (
-    FUNDUS_IMAGE_EXTENSIONS,
-    FUNDUS_LAYOUTS,
-    LABEL_FORMATS,
-    build_fundus_datalist,
-    detect_fundus_layout,
-    fundus_datalist,
-    fundus_image_files,
-    list_drishti,
-    list_fundus_domains,
-    list_fundus_folder,
-    parse_fundus_mapping,
-)
-from .prostate_lists import (
-    IMAGE_EXTENSIONS,
-    LAYOUTS,
-    DataListError,
-    build_datalist,
-    detect_layout,
-    group_by_site,
-    image_files,
-    list_decathlon,
-    list_image_label_folder,
-    list_multisite,
-    patient_key,
-    prostate_datalist,
-    split_by_patient,
-)
-from .slices import SliceDataset, extract_slices
-from .external_sites import external_datalist, parse_test_dirs
-from .validation import DataCheck, DataValidationError, check_fundus_images, check_volumes
-from .synthetic_fundus import (
-    DEMO_FUNDUS_DOMAINS,
-    DEMO_FUNDUS_SOURCE_DOMAIN,
-    FUNDUS_DOMAIN_STYLES,
-    FUNDUS_GENERATOR_VERSION,
-    MASK_BACKGROUND,
-    MASK_CUP,
-    MASK_RIM,
-    acquire_fundus,
-    default_fundus_counts,
-    ensure_demo_fundus,
-    generate_demo_fundus,
-    sample_fundus_anatomy,
-)
-from .synthetic_prostate import (
-    DEMO_INFO_FILE,
-    DEMO_SITES,
-    DEMO_SOURCE_SITE,
-    GENERATOR_VERSION,
-    SITE_STYLES,
-    acquire,
-    default_cases_per_site,
-    demo_info,
-    ensure_demo_prostate,
-    generate_demo_prostate,
-    sample_anatomy,
-)
+from . import core, demo_install, external_sites, slices, validation
+from .core import *  # noqa: F401,F403  (each module lists its public names in __all__)
+from .validation import *  # noqa: F401,F403
+from .slices import *  # noqa: F401,F403
+from .external_sites import *  # noqa: F401,F403
+from .demo_install import *  # noqa: F401,F403
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "LAYOUTS",
-    "DataListError",
-    "build_datalist",
-    "external_datalist",
-    "parse_test_dirs",
-    "detect_layout",
-    "group_by_site",
-    "image_files",
-    "list_decathlon",
-    "list_image_label_folder",
-    "list_multisite",
-    "patient_key",
-    "prostate_datalist",
-    "SliceDataset",
-    "extract_slices",
-    "DataCheck",
-    "DataValidationError",
-    "check_fundus_images",
-    "check_volumes",
-    "split_by_patient",
-    "DEMO_INFO_FILE",
-    "DEMO_SITES",
-    "DEMO_SOURCE_SITE",
-    "GENERATOR_VERSION",
-    "SITE_STYLES",
-    "acquire",
-    "default_cases_per_site",
-    "demo_info",
-    "ensure_demo_prostate",
-    "generate_demo_prostate",
-    "sample_anatomy",
-    # fundus
-    "FUNDUS_IMAGE_EXTENSIONS",
-    "FUNDUS_LAYOUTS",
-    "LABEL_FORMATS",
-    "build_fundus_datalist",
-    "detect_fundus_layout",
-    "fundus_datalist",
-    "fundus_image_files",
-    "list_drishti",
-    "list_fundus_domains",
-    "list_fundus_folder",
-    "parse_fundus_mapping",
-    "DEMO_FUNDUS_DOMAINS",
-    "DEMO_FUNDUS_SOURCE_DOMAIN",
-    "FUNDUS_DOMAIN_STYLES",
-    "FUNDUS_GENERATOR_VERSION",
-    "MASK_BACKGROUND",
-    "MASK_CUP",
-    "MASK_RIM",
-    "acquire_fundus",
-    "default_fundus_counts",
-    "ensure_demo_fundus",
-    "generate_demo_fundus",
-    "sample_fundus_anatomy",
-]
+__all__ = core.__all__ + validation.__all__ + slices.__all__ + external_sites.__all__ + demo_install.__all__

@@ -1,7 +1,8 @@
 """The shared core of the data lists of every task: the error type that collects problems,
 file-name and folder helpers, and the split of a data list by patient.
 
-Task data lists (:mod:`.prostate_lists`, :mod:`.fundus_lists`) build on these public names.
+The tasks' data lists (:mod:`msf_monai.tasks.prostate.lists`, :mod:`msf_monai.tasks.fundus.lists`)
+build on these public names.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "is_visible",
     "natural_key",
     "patient_key",
+    "same_output_name_problems",
     "split_by_patient",
 ]
 
@@ -147,3 +149,22 @@ def group_by_site(items: Iterable[Mapping]) -> dict[str, list]:
     for it in items:
         groups.setdefault(str(it.get("site", "")), []).append(it)
     return {s: groups[s] for s in sorted(groups, key=natural_key)}
+
+def same_output_name_problems(named: Sequence[tuple[str, Path]]) -> list[str]:
+    """Problems for inference inputs that would write the same output: ``named`` holds
+    ``(name, path)`` pairs, ``name`` being the file name without its extension, from which the
+    mask's name is made (``Case00.nii`` and ``Case00.nii.gz`` both give ``Case00_seg.nii.gz``;
+    ``x.png`` and ``x.jpg`` both ``x_mask.png``). Names that differ only in letter case count as
+    the same: they are one file on macOS and Windows."""
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for name, path in named:
+        groups.setdefault(name.casefold(), []).append((name, path))
+    problems = []
+    for group in groups.values():
+        if len(group) > 1:
+            names = sorted({n for n, _ in group})
+            case = " (names that differ only in letter case are one file on macOS and Windows)" if len(names) > 1 else ""
+            problems.append(f"{len(group)} images would write the same mask and style-shift row (name "
+                            f"{' / '.join(repr(n) for n in names)}){case}: {', '.join(str(p) for _, p in group)}; "
+                            "keep one of them in the input folder, or rename the others")
+    return problems

@@ -11,7 +11,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["install_generated", "write_demo_info", "listed_files_exist", "absolute_items"]
+__all__ = ["DEMO_INFO_FILE", "demo_info", "demo_is_current", "install_generated", "write_demo_info", "listed_files_exist", "absolute_items"]
+
+#: the description file a generated demo folder is complete with (written last)
+DEMO_INFO_FILE = "demo_info.json"
 
 logger = logging.getLogger("msf_monai.data")
 
@@ -81,3 +84,22 @@ def listed_files_exist(root: Path, info: dict) -> bool:
 def absolute_items(root: Path, info: dict) -> list[dict]:
     """The items of ``info`` (relative paths, as stored) with absolute image and label paths."""
     return [{**it, "image": str(Path(root) / it["image"]), "label": str(Path(root) / it["label"])} for it in info["items"]]
+
+def demo_info(root) -> dict | None:
+    """The parsed ``demo_info.json`` of a demo folder, or ``None`` if missing/unreadable."""
+    path = Path(root) / DEMO_INFO_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def demo_is_current(root, generator: str, version: str, params) -> bool:
+    """Whether ``root`` holds a complete demo made by ``generator`` at ``version`` with these
+    ``params``: its ``demo_info.json`` says so and every file it lists exists."""
+    info = demo_info(root)
+    if (not info or info.get("generator") != generator or info.get("version") != version
+            or info.get("params") != params):
+        return False
+    return listed_files_exist(Path(root), info)

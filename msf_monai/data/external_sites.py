@@ -37,7 +37,7 @@ def parse_test_dirs(test_dirs) -> list[str]:
 @exit_on_data_errors
 def external_datalist(test_dirs, lister: Callable[..., list[dict]], source_sites: Sequence[str] = (), **kwargs) -> list[dict] | None:
     """Every case of the ``test_dirs`` folders, read with ``lister`` (e.g.
-    :func:`msf_monai.data.prostate_datalist`; ``kwargs`` go to it), or ``None`` when no folder is
+    :func:`msf_monai.tasks.prostate.prostate_datalist`; ``kwargs`` go to it), or ``None`` when no folder is
     given (evaluation then takes the unseen sites of ``dataset_dir``). Items get ``test_dir``.
 
     Stops with one error naming every problem: a site that two folders both give, or a test

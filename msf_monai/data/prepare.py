@@ -22,7 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import MsfError
+from ..tasks.fundus.lists import fundus_datalist
+from ..tasks.prostate.lists import prostate_datalist
 from .core import is_visible
+from .validation import DataValidationError
 
 __all__ = [
     "MULTISITE_PROSTATE_SITES",
@@ -160,8 +163,6 @@ def prepare_msd_prostate(source, dest, overwrite: bool = False) -> dict[str, int
     """Medical Segmentation Decathlon Task05 (``Task05_Prostate.tar`` or its folder) ->
     ``dest/imagesTr`` (4-D T2+ADC images, unchanged), ``dest/labelsTr`` (zones merged) and
     ``dataset.json`` (which names the T2 channel the bundles segment)."""
-    from .prostate_lists import prostate_datalist
-
     with _unpacked(source) as root:
         task = _find(root, lambda p: (p / "imagesTr").is_dir() or (p / "labelsTr").is_dir(), "a Task05_Prostate folder (imagesTr/, labelsTr/)", source)
         missing = [name for name in ("imagesTr", "labelsTr", "dataset.json") if not (task / name).exists()]
@@ -187,8 +188,6 @@ def prepare_msd_prostate(source, dest, overwrite: bool = False) -> dict[str, int
 def prepare_multisite_prostate(source, dest, overwrite: bool = False) -> dict[str, int]:
     """The six-site prostate set (zip or folder with BIDMC, BMC, HK, I2CVB, ISBI, ISBI_1.5) ->
     ``dest/<site>/CaseNN.nii.gz`` + ``CaseNN_segmentation.nii.gz`` (zones merged)."""
-    from .prostate_lists import prostate_datalist
-
     with _unpacked(source) as root:
         base = _find(root, lambda p: sum((p / s).is_dir() for s in MULTISITE_PROSTATE_SITES) >= 1,
                      f"the site folders ({', '.join(MULTISITE_PROSTATE_SITES)})", source)
@@ -206,7 +205,6 @@ def prepare_nci_isbi(source, dest, sites="SiteA=0-28,SiteB=29-38", overwrite: bo
     """NCI-ISBI 2013 in one folder (``CaseNN.nii.gz`` + ``CaseNN_Segmentation.nii.gz``) ->
     ``dest/<site>/`` by case number (``sites``: ``NAME=FIRST-LAST,...``; the default gives the
     two acquisition protocols), zones merged."""
-    from .prostate_lists import prostate_datalist
 
     ranges = _parse_ranges(sites)
     with _unpacked(source) as root:
@@ -240,9 +238,6 @@ def prepare_fundus_5domain(source, dest, overwrite: bool = False) -> dict[str, i
     """The 5-domain fundus benchmark (zip or folder with ``Domain1``..``Domain5``, each
     ``train|test/ROIs/image|mask``) -> ``dest/Domain<k>/...`` unchanged, checked by the fundus
     data list (every image paired with its mask)."""
-    from .fundus_lists import fundus_datalist
-    from .validation import DataValidationError
-
     with _unpacked(source) as root:
         base = _find(root, lambda p: any(q.is_dir() and re.fullmatch(r"Domain\d+", q.name) for q in p.iterdir()),
                      "Domain1..Domain5 folders", source)

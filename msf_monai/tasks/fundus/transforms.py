@@ -28,6 +28,8 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type
 
+from .lists import parse_fundus_mapping
+
 __all__ = [
     "ChannelsToFundusMaskd",
     "FundusMaskToChannelsd",
@@ -84,8 +86,6 @@ def fundus_mask_to_channels(mask, label_format: str = "grey", mapping=None) -> t
         disc = plane >= 0.5
         cup = plane >= 1.5
     elif fmt == "mapping":
-        from .data.fundus_lists import parse_fundus_mapping
-
         if mapping is None:
             raise ValueError("label_format 'mapping' needs a mapping {'disc': [...], 'cup': [...]}")
         m = parse_fundus_mapping(mapping)
@@ -107,7 +107,7 @@ class FundusMaskToChannelsd(MapTransform):
     The mask encoding is read from the item's ``format_key`` entry (``"label_format"``:
     ``"grey"``, ``"palette"`` or ``"mapping"``; ``default_format`` when absent) and, for
     ``"mapping"``, from its ``mapping_key`` entry (dict or JSON string, see
-    :func:`msf_monai.data.fundus_lists.parse_fundus_mapping`).  Masks loaded as [H, W],
+    :func:`msf_monai.tasks.fundus.lists.parse_fundus_mapping`).  Masks loaded as [H, W],
     [1, H, W] or RGB [3, H, W] (first channel) are accepted; metadata of a ``MetaTensor``
     input is kept.
     """

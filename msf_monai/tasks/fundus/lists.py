@@ -1,7 +1,7 @@
 """Data lists for optic disc / cup segmentation in colour fundus photographs.
 
 Every item is a dict with absolute paths, ready for MONAI ``LoadImaged`` based pipelines
-(see :func:`msf_monai.fundus_transforms.fundus_preprocessing`)::
+(see :func:`msf_monai.tasks.fundus.fundus_preprocessing`)::
 
     {"image": str, "label": str, "site": str, "case": str, "split": "train" | "test",
      "label_format": "grey" | "palette" | "mapping"}   (+ "mapping": JSON string)
@@ -44,9 +44,16 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .core import DataListError, broken_link_problem, check_root, is_broken_link, is_visible, natural_key
-from .prostate_lists import same_output_name_problems
-from .validation import exit_on_data_errors
+from ...data.core import (
+    DataListError,
+    broken_link_problem,
+    check_root,
+    is_broken_link,
+    is_visible,
+    natural_key,
+    same_output_name_problems,
+)
+from ...data.validation import exit_on_data_errors
 
 __all__ = [
     "FUNDUS_IMAGE_EXTENSIONS",
@@ -369,12 +376,12 @@ def fundus_datalist(dataset_dir, demo_dir=None, layout: str = "auto", mapping=No
 
     When ``dataset_dir`` is the bundle's demo folder (``demo_dir``), the synthetic
     multi-domain fundus demo set is generated there first if it is missing (see
-    :func:`msf_monai.data.ensure_demo_fundus`); any other folder is only read. Problems are
+    :func:`msf_monai.tasks.fundus.ensure_demo_fundus`); any other folder is only read. Problems are
     raised as :class:`~msf_monai.data.validation.DataValidationError` (clean exit, no traceback).
     """
     if demo_dir is not None and Path(dataset_dir).expanduser().absolute() == \
             Path(demo_dir).expanduser().absolute():
-        from .synthetic_fundus import ensure_demo_fundus
+        from .synthetic import ensure_demo_fundus
 
         ensure_demo_fundus(demo_dir, seed=demo_seed)
     return build_fundus_datalist(dataset_dir, layout=layout, mapping=mapping)

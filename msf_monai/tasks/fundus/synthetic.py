@@ -36,8 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .demo_install import absolute_items, install_generated, listed_files_exist, write_demo_info
-from .synthetic_prostate import DEMO_INFO_FILE, demo_info
+from ...data.demo_install import DEMO_INFO_FILE, absolute_items, demo_info, demo_is_current, install_generated, write_demo_info
 
 __all__ = [
     "DEMO_FUNDUS_SOURCE_DOMAIN",
@@ -57,6 +56,7 @@ __all__ = [
 logger = logging.getLogger("msf_monai.data")
 
 FUNDUS_GENERATOR_VERSION = "1.0"
+#: the generator's name in demo_info.json (its module before 0.6.0; kept, so existing demo folders stay current)
 _GENERATOR = "msf_monai.data.synthetic_fundus"
 DEMO_FUNDUS_SOURCE_DOMAIN = "Domain1"
 DEMO_FUNDUS_DOMAINS: tuple[str, ...] = ("Domain1", "Domain2", "Domain3", "Domain4")
@@ -559,14 +559,6 @@ def _summary(root: Path, info: Mapping, seconds: float | None = None) -> dict:
             "items": items, "version": info["version"], "seconds": seconds}
 
 
-def _is_current(root: Path, params: Mapping) -> bool:
-    info = demo_info(root)
-    if (not info or info.get("generator") != _GENERATOR
-            or info.get("version") != FUNDUS_GENERATOR_VERSION or info.get("params") != params):
-        return False
-    return listed_files_exist(root, info)
-
-
 def ensure_demo_fundus(root, seed: int = 0, **kwargs) -> Path:
     """Make sure ``root`` holds the fundus demo set for these parameters; return ``root``.
 
@@ -585,7 +577,7 @@ def ensure_demo_fundus(root, seed: int = 0, **kwargs) -> Path:
                      kwargs.get("domains"))
     return install_generated(
         root,
-        is_current=lambda path: _is_current(path, params),
+        is_current=lambda path: demo_is_current(path, _GENERATOR, FUNDUS_GENERATOR_VERSION, params),
         is_ours=lambda path: demo_info(path) is not None,
         generate=lambda path: generate_demo_fundus(path, seed=seed, **kwargs),
         what="synthetic fundus demo",

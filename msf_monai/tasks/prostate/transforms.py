@@ -36,7 +36,7 @@ class SelectChanneld(MapTransform):
     entry (the data lists set it for 4-D Decathlon volumes from ``dataset.json``), else
     ``default``. One-channel images pass unchanged. With ``default=None`` (the preprocessing's
     setting) a multi-channel image whose item names no channel is an error naming the file,
-    as in the data check (:func:`msf_monai.data.check_volumes`): never channel 0 silently."""
+    as in the data check (:func:`msf_monai.tasks.prostate.check_volumes`): never channel 0 silently."""
 
     def __init__(self, keys, channel_key: str = "channel", default: int | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)

@@ -29,36 +29,31 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
-from .core import (
+from ...data.core import (
     DataListError,
     broken_link_problem,
     check_root,
-    group_by_site,
     is_broken_link,
     is_visible,
     natural_key,
-    patient_key,
-    split_by_patient,
+    same_output_name_problems,
 )
-from .validation import exit_on_data_errors
+from ...data.validation import exit_on_data_errors
 
 __all__ = [
-    "DataListError",
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "list_multisite",
     "list_decathlon",
     "list_image_label_folder",
     "layout_channel",
-    "same_output_name_problems",
     "detect_layout",
     "build_datalist",
-    "split_by_patient",
-    "group_by_site",
-    "patient_key",
+    "prostate_datalist",
+    "image_files",
 ]
 
 #: file name endings recognised as images (matched case-insensitively; longest first)
@@ -87,25 +82,6 @@ def _image_files(folder: Path) -> list[Path]:
                    if is_visible(p) and (p.is_file() or is_broken_link(p)) and _split_ext(p.name) is not None),
                   key=lambda p: natural_key(p.name))
 
-
-def same_output_name_problems(named: Sequence[tuple[str, Path]]) -> list[str]:
-    """Problems for inference inputs that would write the same output: ``named`` holds
-    ``(name, path)`` pairs, ``name`` being the file name without its extension, from which the
-    mask's name is made (``Case00.nii`` and ``Case00.nii.gz`` both give ``Case00_seg.nii.gz``;
-    ``x.png`` and ``x.jpg`` both ``x_mask.png``). Names that differ only in letter case count as
-    the same: they are one file on macOS and Windows."""
-    groups: dict[str, list[tuple[str, Path]]] = {}
-    for name, path in named:
-        groups.setdefault(name.casefold(), []).append((name, path))
-    problems = []
-    for group in groups.values():
-        if len(group) > 1:
-            names = sorted({n for n, _ in group})
-            case = " (names that differ only in letter case are one file on macOS and Windows)" if len(names) > 1 else ""
-            problems.append(f"{len(group)} images would write the same mask and style-shift row (name "
-                            f"{' / '.join(repr(n) for n in names)}){case}: {', '.join(str(p) for _, p in group)}; "
-                            "keep one of them in the input folder, or rename the others")
-    return problems
 
 
 def _read_text_header(path: Path, limit: int = 65536) -> str:
@@ -371,10 +347,10 @@ def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_see
 
     When ``dataset_dir`` is the bundle's demo folder (``demo_dir``), the synthetic multi-site
     demo set is generated there first if it is missing (see
-    :func:`msf_monai.data.ensure_demo_prostate`); any other folder is only read.
+    :func:`msf_monai.tasks.prostate.ensure_demo_prostate`); any other folder is only read.
     """
     if demo_dir is not None and Path(dataset_dir).expanduser().absolute() == Path(demo_dir).expanduser().absolute():
-        from .synthetic_prostate import ensure_demo_prostate
+        from .synthetic import ensure_demo_prostate
 
         ensure_demo_prostate(demo_dir, seed=demo_seed)
     return build_datalist(dataset_dir, layout=layout)

@@ -33,18 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from .demo_install import absolute_items, install_generated, listed_files_exist, write_demo_info
+from ...data.demo_install import DEMO_INFO_FILE, absolute_items, demo_info, demo_is_current, install_generated, write_demo_info
 
 __all__ = [
     "DEMO_SOURCE_SITE",
     "DEMO_SITES",
-    "DEMO_INFO_FILE",
     "GENERATOR_VERSION",
     "SITE_STYLES",
     "default_cases_per_site",
     "generate_demo_prostate",
     "ensure_demo_prostate",
-    "demo_info",
     "sample_anatomy",
     "acquire",
 ]
@@ -52,7 +50,8 @@ __all__ = [
 logger = logging.getLogger("msf_monai.data")
 
 GENERATOR_VERSION = "1.0"
-DEMO_INFO_FILE = "demo_info.json"
+#: the generator's name in demo_info.json (its module before 0.6.0; kept, so existing demo folders stay current)
+_GENERATOR = "msf_monai.data.synthetic_prostate"
 DEMO_SOURCE_SITE = "SiteA"
 DEMO_SITES: tuple[str, ...] = ("SiteA", "SiteB", "SiteC", "SiteD")
 DEFAULT_SHAPE = (96, 96, 20)
@@ -551,7 +550,7 @@ def generate_demo_prostate(root, seed: int = 0, cases_per_site=None, shape=DEFAU
                     " (source)" if site == params["source_site"] else "")
     seconds = time.perf_counter() - t0
     info = {
-        "generator": "msf_monai.data.synthetic_prostate",
+        "generator": _GENERATOR,
         "version": GENERATOR_VERSION,
         "params": params,
         "layout": "multisite",
@@ -572,24 +571,6 @@ def _summary(root: Path, info: Mapping, seconds: float | None = None) -> dict:
             "cases_per_site": dict(params["cases_per_site"]), "items": items,
             "version": info["version"], "seconds": seconds}
 
-
-def demo_info(root) -> dict | None:
-    """The parsed ``demo_info.json`` of a demo folder, or ``None`` if missing/unreadable."""
-    path = Path(root) / DEMO_INFO_FILE
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
-def _is_current(root: Path, params: Mapping) -> bool:
-    info = demo_info(root)
-    if not info or info.get("version") != GENERATOR_VERSION or info.get("params") != params:
-        return False
-    return listed_files_exist(root, info)
-
-
 def ensure_demo_prostate(root, seed: int = 0, **kwargs) -> Path:
     """Make sure ``root`` holds the demo set for these parameters; return ``root``.
 
@@ -608,7 +589,7 @@ def ensure_demo_prostate(root, seed: int = 0, **kwargs) -> Path:
         raise TypeError(f"unexpected arguments: {sorted(unknown)}")
     return install_generated(
         root,
-        is_current=lambda path: _is_current(path, params),
+        is_current=lambda path: demo_is_current(path, _GENERATOR, GENERATOR_VERSION, params),
         is_ours=lambda path: demo_info(path) is not None,
         generate=lambda path: generate_demo_prostate(path, seed=seed, **kwargs),
         what="synthetic prostate demo",
