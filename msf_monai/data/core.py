@@ -150,6 +150,7 @@ def group_by_site(items: Iterable[Mapping]) -> dict[str, list]:
         groups.setdefault(str(it.get("site", "")), []).append(it)
     return {s: groups[s] for s in sorted(groups, key=natural_key)}
 
+
 def same_output_name_problems(named: Sequence[tuple[str, Path]]) -> list[str]:
     """Problems for inference inputs that would write the same output: ``named`` holds
     ``(name, path)`` pairs, ``name`` being the file name without its extension, from which the

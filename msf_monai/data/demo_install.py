@@ -85,6 +85,7 @@ def absolute_items(root: Path, info: dict) -> list[dict]:
     """The items of ``info`` (relative paths, as stored) with absolute image and label paths."""
     return [{**it, "image": str(Path(root) / it["image"]), "label": str(Path(root) / it["label"])} for it in info["items"]]
 
+
 def demo_info(root) -> dict | None:
     """The parsed ``demo_info.json`` of a demo folder, or ``None`` if missing/unreadable."""
     path = Path(root) / DEMO_INFO_FILE
