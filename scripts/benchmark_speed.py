@@ -16,7 +16,9 @@ For each image size (default: the prostate demo's 96 px and the paper's 384 px, 
 The training steps of all configurations are timed in rounds (one step of each per round), so
 that the machine's speed drifting during the run affects every figure alike. Every step figure
 is the median of ``repeats`` rounds after ``warmup`` rounds, with its ratio to the Phase I step.
-On CUDA, timings use CUDA events and AMP steps are added.
+On CUDA, timings use CUDA events, and AMP steps and ``channels_last`` steps (network weights
+and input batches in NHWC memory format, the Phase I and Phase III steps again) are added:
+``channels_last`` is not a config setting until such a measurement shows it is faster.
 
     python scripts/benchmark_speed.py --sizes "[96]" --repeats 5 --output benchmark_speed.json
 """
@@ -96,9 +98,19 @@ def _fitted_bank(net: DualDecoderNet, device: torch.device, seed: int = 0) -> St
     return bank
 
 
-def _trainer(net, iteration, device, amp=False, prepare_batch=None):
+def _channels_last_batch(batchdata, device=None, non_blocking=False, **kwargs):
+    """MONAI's default batch preparation with the images in ``channels_last`` memory format."""
+    image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+    return image.contiguous(memory_format=torch.channels_last), batchdata["label"].to(device=device, non_blocking=non_blocking)
+
+
+def _trainer(net, iteration, device, amp=False, prepare_batch=None, channels_last=False):
     """One training step of a real MONAI trainer for ``net``: ``step(batch)``, run one by one
-    by :func:`_interleaved`."""
+    by :func:`_interleaved`. ``channels_last``: the network's weights and the input batches
+    in NHWC memory format (``prepare_batch`` is then ours)."""
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        prepare_batch = _channels_last_batch
     kwargs = {"prepare_batch": prepare_batch} if prepare_batch is not None else {}
     trainer = SupervisedTrainer(
         device=device, max_epochs=1, train_data_loader=[], network=net,
@@ -145,7 +157,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return peak_kb / 1024 if sys.platform != "darwin" else peak_kb / 2**20
 
 
-def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices, flow_epochs, methods, amp, flow_fit_rounds=3) -> dict:
+def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices, flow_epochs, methods, amp,
+                   flow_fit_rounds=3, channels_last=False) -> dict:
     clock = Clock(device)
     batches = _batches(2, batch, size, channels)
     results: dict[str, dict] = {}
@@ -170,6 +183,13 @@ def benchmark_size(size, batch, channels, device, warmup, repeats, phase2_slices
         styles_amp = mixstyleflow_layers(bank, p=1.0)
         net3_amp = DualDecoderNet(channels, 1, image_decoder_styles=styles_amp).to(device)
         steps["phase3_mixstyleflow_amp"] = _trainer(net3_amp, MixStyleFlowIteration(), device, amp=True)
+    if channels_last:  # the same steps, NHWC: the measurement that decides the format (issue 15)
+        for suffix, use_amp in [("", False)] + ([("_amp", True)] if amp else []):
+            steps[f"phase1_channels_last{suffix}"] = _trainer(
+                DualDecoderNet(channels, 1).to(device), DualDecoderIteration(), device, amp=use_amp, channels_last=True)
+            net3_cl = DualDecoderNet(channels, 1, image_decoder_styles=mixstyleflow_layers(bank, p=1.0)).to(device)
+            steps[f"phase3_mixstyleflow_channels_last{suffix}"] = _trainer(
+                net3_cl, MixStyleFlowIteration(), device, amp=use_amp, channels_last=True)
     for method in methods:
         layer_cls = STYLE_LAYERS[method]
         if method == "randconv":
@@ -280,6 +300,7 @@ def main(
     methods=("mixstyle", "dsu", "trid", "efdm", "randconv"),
     device: str | None = None,
     amp: bool | None = None,
+    channels_last: bool | None = None,
     output: str | None = "benchmark_speed.json",
 ):
     """Run the benchmark and print a markdown table.
@@ -296,10 +317,13 @@ def main(
         methods: other style methods to time (names of ``msf_monai.styles.STYLE_LAYERS``).
         device: torch device (default: CUDA if available).
         amp: also time AMP steps (default: on CUDA only).
+        channels_last: also time the Phase I and III steps (and their AMP steps) with the
+            network and batches in ``channels_last`` memory format (default: on CUDA only).
         output: JSON file for every measurement (``None``: don't write).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = (dev.type == "cuda") if amp is None else as_bool(amp, "--amp")
+    channels_last = (dev.type == "cuda") if channels_last is None else as_bool(channels_last, "--channels_last")
     unknown = [m for m in methods if m not in STYLE_LAYERS or m == "mixstyleflow"]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(set(STYLE_LAYERS) - {'mixstyleflow'})}")
@@ -316,7 +340,7 @@ def main(
     all_results = {}
     for size in sizes:
         print(f"size {size}x{size}:", flush=True)
-        all_results[f"{size}x{size}"] = benchmark_size(int(size), batch_size, channels, dev, warmup, repeats, phase2_slices, flow_epochs, list(methods), amp, flow_fit_rounds)
+        all_results[f"{size}x{size}"] = benchmark_size(int(size), batch_size, channels, dev, warmup, repeats, phase2_slices, flow_epochs, list(methods), amp, flow_fit_rounds, channels_last)
     text = table(all_results)
     print(text)
     for size, res in all_results.items():
@@ -324,6 +348,10 @@ def main(
         ratio = res["phase3_mixstyleflow"]["median_s"] / res["phase1"]["median_s"]
         print(f"{size}: flow sampling + mixing = {100 * share:.2f} % of a Phase III step (target <= 3 %); "
               f"Phase III step = {ratio:.2f} x Phase I (target <= 2.3 x)")
+        for name in ("phase1", "phase3_mixstyleflow", "phase1_amp", "phase3_mixstyleflow_amp"):
+            if f"{name}_channels_last" in res:
+                speedup = res[name]["median_s"] / res[f"{name}_channels_last"]["median_s"]
+                print(f"{size}: {name} with channels_last: {speedup:.2f} x the speed of the default memory format")
     if output:
         with open(output, "w") as f:
             json.dump({"info": info, "results": all_results}, f, indent=1, default=float)
