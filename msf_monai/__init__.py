@@ -7,6 +7,6 @@ to refer to e.g. ``msf_monai.networks.DualDecoderNet``. It also installs the err
 
 __version__ = "0.1.0"
 
-from . import accelerator, bundle, cli, data, distributed, engines, errors, files, flow_fit, flow_model, flow_stack, flows, handlers, locks, methods, networks, outputs, resume, style_shift, styles, tasks  # noqa: E402,F401
+from . import accelerator, bundle, cli, data, distributed, engines, errors, files, flow_fit, flow_model, flow_stack, flows, handlers, locks, methods, networks, outputs, resume, saved_state, style_shift, styles, tasks  # noqa: E402,F401
 
 errors.install_excepthook()  # uncaught user errors: their message alone, exit status 1 (msf_monai.errors)

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from .cli import as_bool
+
 __all__ = ["amp_enabled", "amp_kwargs", "configure_backends", "pin_memory", "worker_count", "AUTO"]
 
 logger = logging.getLogger(__name__)
@@ -37,8 +39,6 @@ def _is_auto(value) -> bool:
 def amp_enabled(amp, device) -> bool:
     """``amp`` (``"auto"``, true or false) resolved for ``device``: ``"auto"`` is true on CUDA;
     true on a CPU device is turned off with a notice (MONAI's AMP is CUDA's)."""
-    from msf_monai.cli import as_bool
-
     if _is_auto(amp):
         return _is_cuda(device)
     enabled = as_bool(amp, "--amp")
@@ -73,8 +73,6 @@ def pin_memory(device) -> bool:
 def configure_backends(device, deterministic=False) -> None:
     """On CUDA, let cuDNN autotune convolution algorithms unless ``deterministic``. Call after
     ``monai.utils.set_determinism``, which turns autotuning off for reproducibility."""
-    from msf_monai.cli import as_bool
-
     if not _is_cuda(device):
         return
     deterministic = as_bool(deterministic, "--deterministic")

@@ -10,7 +10,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import MsfError
+from .cli import as_bool
+from .data.core import split_by_patient
+from .errors import CheckpointLockedError, ConfigValueError, MissingPhaseOutputError, PhaseError, UnfinishedPhaseError
+from .tasks.prostate.transforms import GEOMETRY_DEFAULTS
+from .training_record import read_training_record
 
 __all__ = [
     "evaluation_split",
@@ -38,32 +42,6 @@ __all__ = [
 SIZE_DIVISOR = 16
 
 
-class MissingPhaseOutputError(MsfError):
-    """A phase needs a file that an earlier phase writes.
-
-    An :class:`~msf_monai.errors.MsfError`: catchable as a ``ValueError``; uncaught, the user
-    sees its message alone (not MONAI's config-parser traceback) and exit status 1."""
-
-
-class ConfigValueError(MsfError):
-    """A config value that cannot work (e.g. an unknown ``style_method``), found before any work;
-    message only and exit status 1 when uncaught (:mod:`msf_monai.errors`)."""
-
-
-class PhaseError(MsfError):
-    """A phase stopped on a problem it explains (e.g. a diverged flow fit); message only, exit 1."""
-
-
-class CheckpointLockedError(PhaseError):
-    """Another run holds the lock of the checkpoint this run would write (or read while it is
-    being written); see :mod:`msf_monai.locks`. Message only, exit 1."""
-
-
-class UnfinishedPhaseError(MissingPhaseOutputError):
-    """A phase's input comes from an earlier phase's run that did not finish (or was replaced
-    after it finished); see :func:`msf_monai.resume.require_finished_run`. Message only, exit 1."""
-
-
 def _whole(low: int):
     return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"a whole number >= {low}"
 
@@ -89,8 +67,6 @@ def _or_auto(check):
 
 def _boolean():
     def ok(v) -> bool:
-        from .cli import as_bool
-
         try:
             as_bool(v, "")
         except ValueError:
@@ -462,9 +438,6 @@ def evaluation_split(
     summary) names the source site, the split settings, how many source cases were evaluated
     out of how many, and where the split came from.
     """
-    from msf_monai.data import split_by_patient
-    from msf_monai.training_record import read_training_record
-
     given = {"source_site": source_site, "seed": seed, "val_fraction": val_fraction}
     record = read_training_record(checkpoint) if checkpoint is not None else None
     info: dict = {"record": None if record is None else record["file"]}
@@ -529,8 +502,6 @@ def trained_geometry(checkpoint: str | os.PathLike | None, image_size: int | Non
     A relative ``checkpoint`` is looked for as :func:`find_checkpoint` does when ``bundle_root``
     is given; a missing one gives the defaults without an error, so that the settings check runs
     first and the missing file is reported by ``find_checkpoint`` with the command that makes it."""
-    from msf_monai.training_record import read_training_record
-    from msf_monai.tasks.prostate import GEOMETRY_DEFAULTS
 
     found = [c for c in _checkpoint_candidates(checkpoint, bundle_root) if c.is_file()] if checkpoint is not None else []
     record = read_training_record(found[0]) if found else None
@@ -546,7 +517,6 @@ def check_geometry(checkpoint: str | os.PathLike, geometry: dict | None, what: s
     was trained with (e.g. ``--resample resize`` on a model trained with ``spacing``): the
     network would see organs at another scale and fail silently. ``geometry`` is
     :func:`msf_monai.tasks.prostate.geometry_settings`'s value (``None`` for ``resize``)."""
-    from msf_monai.tasks.prostate import GEOMETRY_DEFAULTS
 
     trained = trained_geometry(checkpoint)
     now = {**GEOMETRY_DEFAULTS, **(geometry or {})}
@@ -574,7 +544,6 @@ def training_subset(train_list: Sequence[dict], fraction: float = 1.0, seed: int
     """The first ``fraction`` of the training patients (at least one), drawn with ``seed``: the
     low-data regime of the papers (``--train_fraction 0.1`` / ``0.3``). ``1.0`` keeps all.
     Patients are kept whole (all slices of a volume), as in :func:`split_by_patient`."""
-    from msf_monai.data import split_by_patient
 
     try:
         fraction = float(fraction)

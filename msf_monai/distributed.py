@@ -39,6 +39,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from torch import nn
 
+from . import handlers as ours
 from .errors import MsfError
 
 __all__ = [
@@ -134,8 +135,6 @@ def rank_zero_only_types() -> tuple[type, ...]:
     each rank sees the metric of the whole validation split; a validation run on rank 0 alone
     would wait forever in that all-gather."""
     from monai import handlers as mh
-
-    from . import handlers as ours
 
     names = ("CheckpointSaver", "StatsHandler", "TensorBoardHandler", "MetricsSaver",
              "ClassificationSaver", "MetricLogger", "MLFlowHandler", "ClearMLHandler", "ProbMapProducer")

@@ -18,11 +18,47 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["MsfError", "install_excepthook", "show_user_errors", "user_error_in"]
+__all__ = [
+    "CheckpointLockedError",
+    "ConfigValueError",
+    "MissingPhaseOutputError",
+    "MsfError",
+    "PhaseError",
+    "UnfinishedPhaseError",
+    "install_excepthook",
+    "show_user_errors",
+    "user_error_in",
+]
 
 
 class MsfError(ValueError):
     """A problem the user can fix, explained by its message; exit status 1 when uncaught."""
+
+
+class MissingPhaseOutputError(MsfError):
+    """A phase needs a file that an earlier phase writes.
+
+    An :class:`~msf_monai.errors.MsfError`: catchable as a ``ValueError``; uncaught, the user
+    sees its message alone (not MONAI's config-parser traceback) and exit status 1."""
+
+
+class ConfigValueError(MsfError):
+    """A config value that cannot work (e.g. an unknown ``style_method``), found before any work;
+    message only and exit status 1 when uncaught."""
+
+
+class PhaseError(MsfError):
+    """A phase stopped on a problem it explains (e.g. a diverged flow fit); message only, exit 1."""
+
+
+class CheckpointLockedError(PhaseError):
+    """Another run holds the lock of the checkpoint this run would write (or read while it is
+    being written); see :mod:`msf_monai.locks`. Message only, exit 1."""
+
+
+class UnfinishedPhaseError(MissingPhaseOutputError):
+    """A phase's input comes from an earlier phase's run that did not finish (or was replaced
+    after it finished); see :func:`msf_monai.resume.require_finished_run`. Message only, exit 1."""
 
 
 def user_error_in(error: BaseException | None) -> MsfError | None:

@@ -30,6 +30,9 @@ from nflows.transforms import ActNorm, CompositeTransform
 from torch import nn
 from torch.nn import functional as F
 
+from .flow_fit import FlowFitError, check_fit_settings, detached_cpu_copy, initialise_actnorms
+from .flow_model import ClampedAffineCoupling, CouplingMLP
+
 __all__ = ["FlowStack", "fit_flows_jointly"]
 
 _LOGGER = logging.getLogger("msf_monai.flows")
@@ -53,8 +56,6 @@ class FlowStack(nn.Module):
 
     def __init__(self, flows: Sequence[Flow]):
         super().__init__()
-        from msf_monai.flow_model import ClampedAffineCoupling, CouplingMLP
-
         if not flows:
             raise ValueError("FlowStack needs at least one flow")
         self._flows = list(flows)  # a plain list: the stack owns copies, not these modules
@@ -243,8 +244,6 @@ def _clip_per_flow(flat: torch.Tensor, max_norm: float | None) -> torch.Tensor:
 
 
 def _diverged(name: str, detail: str):
-    from msf_monai.flow_fit import FlowFitError
-
     err = FlowFitError(f"{name}: flow fit diverged: {detail}")
     err.flow_name, err.detail = name, f"flow fit diverged: {detail}"
     return err
@@ -278,8 +277,6 @@ def fit_flows_jointly(
     ``checkpoint_every`` epochs and when the fit ends, ``"finished": True``) can be passed back
     as ``resume_state`` to continue with the same result as an uninterrupted fit.
     """
-    from msf_monai.flow_fit import check_fit_settings, detached_cpu_copy, initialise_actnorms
-
     check_fit_settings(epochs, batch_size, lr)
     log = logger or _LOGGER
     groups = len(flows)

@@ -28,8 +28,10 @@ from nflows.flows import Flow
 from nflows.transforms import ActNorm
 from torch import nn
 
+from .files import atomic_save
 from .flow_fit import FlowFitError, as_statistics, fit_flow, flow_parameter, sample_flow, statistics_summary
 from .flow_model import BASES, build_style_flow
+from .flow_stack import fit_flows_jointly
 
 __all__ = [
     "StyleFlowBank",
@@ -281,8 +283,6 @@ class StyleFlowBank(nn.Module):
         ``resume_state`` (such a dict) continues the fit. A state of the other kind is
         continued the way it was saved.
         """
-        from msf_monai.flow_stack import fit_flows_jointly
-
         log = logger or _LOGGER
         if not (0.0 <= val_fraction < 1.0):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -485,8 +485,6 @@ class StyleFlowBank(nn.Module):
                 for layer, obs in self.observed.items()
             },
         }
-        from .files import atomic_save
-
         atomic_save(payload, path)
         self.metadata = payload["metadata"]
 

@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import CheckpointLockedError
+
 __all__ = ["CheckpointLock", "describe_holder", "lock_checkpoint", "lock_holder", "lock_path"]
 
 logger = logging.getLogger("msf_monai.locks")
@@ -183,16 +185,12 @@ class CheckpointLock:
             _HELD[key] = self
             atexit.register(self.release)
             return self
-        from msf_monai.bundle import CheckpointLockedError
-
         raise CheckpointLockedError(f"could not take the lock {self.path}: other runs keep replacing it. "
                                     "Check which runs write to this models folder.")
 
     def _take(self, fd: int) -> dict | None:
         """Lock ``fd``; returns the previous holder's info (``{}`` for a new lock), or ``None``
         when ``fd`` no longer is the file at :attr:`path`. Raises when the lock is held."""
-        from msf_monai.bundle import CheckpointLockedError
-
         got = _try_flock(fd)
         info = _read_info(fd)
         if got is False:

@@ -37,8 +37,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bundle import ConfigValueError, phase_command, require_file
+from .bundle import phase_command, require_file
+from .errors import ConfigValueError
 from .engines import DualDecoderIteration, MaxStyleIteration, MixStyleFlowIteration
+from .flows import StyleFlowBank
 from .styles import build_style_layer, mixstyleflow_layers
 
 __all__ = ["DGMethod", "METHODS", "flow_file_name", "get_method"]
@@ -98,8 +100,6 @@ class DGMethod:
         return {k: build_style_layer(self.layer, p=p) for k in self.layers}
 
     def _flow_layers(self, flow_checkpoint, device, p: float, bundle_root: str | None, **mixstyleflow_kwargs) -> dict[int, nn.Module]:
-        from .flows import StyleFlowBank
-
         if flow_checkpoint is None:
             raise ConfigValueError(f"style_method {self.name!r} needs flow_checkpoint (Phase II's {self.flow_file()})")
         hint = self.phase2_command(bundle_root)

@@ -45,8 +45,11 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from .errors import MsfError
+from .cli import as_bool
+from .errors import CheckpointLockedError, MissingPhaseOutputError, UnfinishedPhaseError
 from .files import atomic_save, file_digest, remove_stale_temporaries
+from .locks import describe_holder, lock_holder, lock_path
+from .saved_state import RESUME_FORMAT, RESUME_VERSION, ResumeError, load_resume_state, plain_settings, setting_differences
 from .training_record import write_training_record
 
 __all__ = [
@@ -65,15 +68,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("msf_monai.resume")
-
-RESUME_FORMAT = "msf_monai.resume"
-RESUME_VERSION = 1
-
-
-class ResumeError(MsfError):
-    """A saved training state cannot be used (unreadable, other data or settings, fewer epochs
-    asked for than already trained); message only and exit status 1 when uncaught."""
-
 
 class PhaseFinishedError(SystemExit):
     """The phase has already run to its end: nothing to do, and its models are not overwritten.
@@ -162,41 +156,6 @@ def set_rng_states(states: Mapping) -> None:
 # ---------------------------------------------------------------------------------------------
 # the resume check before any work
 # ---------------------------------------------------------------------------------------------
-def load_resume_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Read a resume file written by :class:`TrainingCheckpointer` or the Phase II flow fitter;
-    :class:`ResumeError` naming the file when it is not one."""
-    try:
-        state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure: the file is named
-        raise ResumeError(
-            f"cannot read the saved training state {path} ({type(err).__name__}: {err}). "
-            "Delete it, or run with --resume false to start this phase from scratch."
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise ResumeError(f"{path} is not a saved training state of this toolkit; delete it or run with --resume false")
-    return state
-
-
-def plain_settings(settings: Mapping | None) -> dict:
-    out = {}
-    for key, value in dict(settings or {}).items():
-        if isinstance(value, (os.PathLike,)):
-            value = os.fspath(value)
-        elif isinstance(value, (tuple, list)):
-            value = [v.item() if isinstance(v, np.generic) else v for v in value]
-        elif isinstance(value, np.generic):
-            value = value.item()
-        elif value is not None and not isinstance(value, (bool, int, float, str, dict)):
-            value = str(value)
-        out[str(key)] = value
-    return out
-
-
-def setting_differences(saved: Mapping, current: Mapping) -> list[str]:
-    return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-
-
 def check_resume(
     path: str | os.PathLike,
     resume: bool = True,
@@ -252,8 +211,6 @@ def check_resume(
 
 
 def _as_bool(value) -> bool:
-    from .cli import as_bool
-
     return as_bool(value, "resume")
 
 
@@ -277,17 +234,14 @@ def require_finished_run(
     Decisions, from the training state at ``state_path`` (default: ``<name>_resume.pt`` next to
     ``path``, what :class:`TrainingCheckpointer` and Phase II's flow fitter write):
 
-    * ``path`` missing: :class:`~msf_monai.bundle.MissingPhaseOutputError` with ``command``;
-    * a run holds ``path``'s lock now (it is being written): :class:`~msf_monai.bundle.CheckpointLockedError`;
+    * ``path`` missing: :class:`~msf_monai.errors.MissingPhaseOutputError` with ``command``;
+    * a run holds ``path``'s lock now (it is being written): :class:`~msf_monai.errors.CheckpointLockedError`;
     * no state: a warning, and ``path`` is used as it is -- a model from a packaged bundle or
       another machine comes without one, and then nothing here can tell how it was made;
     * a state saying the run did not finish (interrupted, killed, a ``--resume false`` run
       stopped early), an unreadable state, or a finished state whose ``output_sha1`` is not
-      ``path``'s (the file was replaced after that run): :class:`~msf_monai.bundle.UnfinishedPhaseError`.
+      ``path``'s (the file was replaced after that run): :class:`~msf_monai.errors.UnfinishedPhaseError`.
     """
-    from msf_monai.bundle import CheckpointLockedError, MissingPhaseOutputError, UnfinishedPhaseError
-    from msf_monai.locks import describe_holder, lock_holder, lock_path
-
     path = Path(path)
     again = f":\n  {command}" if command else "."
     if not path.is_file():

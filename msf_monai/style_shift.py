@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from .files import atomic_write_json
+from .cli import as_bool
+from .files import atomic_write_json, file_digest
 from .flows import StyleFlowBank
 from .networks import DualDecoderNet
 
@@ -72,8 +73,6 @@ CALIBRATION_FORMAT = "msf_monai.style_shift/1"
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file (identifies the checkpoints a calibration belongs to)."""
-    from .files import file_digest
-
     return file_digest(path, "sha256")
 
 
@@ -290,8 +289,6 @@ class StyleShiftWriter:
         self.phase1_checkpoint, self.flow_checkpoint = Path(phase1_checkpoint), Path(flow_checkpoint)
         self.calibration_file, self.output_file = Path(calibration_file), Path(output_file)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        from .cli import as_bool
-
         self.enabled = as_bool(enabled, "style_shift")  # the command line gives "false" as a string
         self.device = device
         self.batch_size = int(batch_size)

@@ -19,6 +19,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .errors import ConfigValueError
+from .files import atomic_write_json
+from .saved_state import load_resume_state
+
 __all__ = ["read_training_record", "training_record_file", "write_training_record"]
 
 _FINAL = "_final"
@@ -39,8 +43,6 @@ def training_record_file(checkpoint: str | os.PathLike) -> Path:
 
 def write_training_record(checkpoint: str | os.PathLike, settings: Mapping) -> Path:
     """Write (atomically) the settings of the run that trains ``checkpoint``."""
-    from .files import atomic_write_json
-
     path = training_record_file(checkpoint)
     atomic_write_json(path, {"checkpoint": Path(checkpoint).name, "settings": dict(settings)})
     return path
@@ -55,15 +57,11 @@ def read_training_record(checkpoint: str | os.PathLike) -> dict | None:
         try:
             data = json.loads(record.read_text())
         except (OSError, ValueError) as err:
-            from .bundle import ConfigValueError
-
             raise ConfigValueError(f"cannot read the training record {record} ({err}); delete it to evaluate without it") from None
         return {"settings": dict(data.get("settings") or {}), "file": str(record)}
     base = _base(checkpoint)
     state_file = base.with_name(base.name + "_resume.pt")
     if state_file.is_file():
-        from .resume import load_resume_state
-
         settings = load_resume_state(state_file).get("settings") or {}
         if settings:
             return {"settings": dict(settings), "file": str(state_file)}

@@ -431,7 +431,7 @@ def test_flow_problems_name_the_layer_and_the_guard_count_is_reported(caplog, tm
 
 
 def test_phase2_fitter_resumes_finished_flows_without_refitting(tmp_path, monkeypatch):
-    from msf_monai import flow_stack
+    from msf_monai import flows
     from msf_monai.handlers import StyleFlowFitter, StyleStatisticsRecorder
 
     rng = np.random.default_rng(0)
@@ -446,8 +446,8 @@ def test_phase2_fitter_resumes_finished_flows_without_refitting(tmp_path, monkey
     first = fitter()
     first(None)
     calls = []
-    original = flow_stack.fit_flows_jointly
-    monkeypatch.setattr(flow_stack, "fit_flows_jointly", lambda *a, **k: calls.append(k.get("resume_state")) or original(*a, **k))
+    original = flows.fit_flows_jointly
+    monkeypatch.setattr(flows, "fit_flows_jointly", lambda *a, **k: calls.append(k.get("resume_state")) or original(*a, **k))
     second = fitter()
     second(None)
     assert len(calls) == 1 and calls[0] is not None and calls[0]["finished"]  # restored, not refitted

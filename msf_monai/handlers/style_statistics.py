@@ -23,6 +23,14 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from ..cli import as_bool
+from ..engines import add_image_noise, frozen_batchnorm_statistics
+from ..errors import PhaseError
+from ..files import atomic_save, atomic_write_npz, file_digest, remove_stale_temporaries
+from ..flow_fit import FlowFitError
+from ..resume import exit_on_interrupt
+from ..saved_state import RESUME_FORMAT, RESUME_VERSION, load_resume_state, plain_settings, setting_differences
+
 __all__ = ["StyleStatisticsIteration", "StyleStatisticsRecorder", "StyleFlowFitter", "plot_style_samples"]
 
 logger = logging.getLogger("msf_monai.handlers")
@@ -57,8 +65,6 @@ class StyleStatisticsIteration:
 
     def features(self, net: torch.nn.Module, inputs: torch.Tensor) -> dict[int, torch.Tensor]:
         """The feature maps of the chosen source, in the chosen regime (no gradient)."""
-        from msf_monai.engines import add_image_noise, frozen_batchnorm_statistics
-
         with torch.no_grad():
             if self.regime == "eval":
                 net.eval()
@@ -123,8 +129,6 @@ class StyleStatisticsRecorder:
         n = len(next(iter(self.stats.values()))["mean"]) if self.stats else 0
         logger.info("recorded style statistics of %d images at image-decoder layers %s", n, self.layers)
         if self.output_path is not None:
-            from ..files import atomic_write_npz
-
             atomic_write_npz(self.output_path, **{f"{s}_{k}": v[s] for k, v in self.stats.items() for s in ("mean", "var")})
             logger.info("saved style statistics to %s", self.output_path)
 
@@ -176,9 +180,6 @@ class StyleFlowFitter:
         checkpoint_every: int = 10,
         settings: dict | None = None,
     ):
-        from msf_monai.cli import as_bool
-        from msf_monai.resume import plain_settings
-
         self.recorder, self.bank = recorder, bank
         self.resume_path = None if resume_path is None else Path(resume_path)
         self.resume = as_bool(resume, "resume")
@@ -199,16 +200,11 @@ class StyleFlowFitter:
 
     def exception_raised(self, engine: Engine, error: BaseException) -> None:
         """Ctrl-C during the statistics pass or a flow fit: one line and exit 130."""
-        from msf_monai.resume import exit_on_interrupt
-
         where = "the flow fits (their state is saved every few flow epochs)" if self._fitting else "the style statistics pass"
         exit_on_interrupt(engine, error, f"interrupted during {where}; run the same command to resume"
                           + (f" (state: {self.resume_path})" if self.resume_path is not None else ""))
 
     def _resume_state(self, digest: str) -> dict | None:
-        from msf_monai.files import remove_stale_temporaries
-        from msf_monai.resume import load_resume_state, setting_differences
-
         if self.resume_path is None:
             return None
         remove_stale_temporaries(self.resume_path)
@@ -238,9 +234,6 @@ class StyleFlowFitter:
         return flows
 
     def _save_state(self, flows: dict, digest: str, finished: bool = False) -> None:
-        from msf_monai.files import atomic_save, file_digest
-        from msf_monai.resume import RESUME_FORMAT, RESUME_VERSION
-
         if self.resume_path is None:
             return
         # output_sha1: the flow file this finished fit vouches for (msf_monai.resume.require_finished_run)
@@ -249,9 +242,6 @@ class StyleFlowFitter:
                      "output_sha1": file_digest(self.flow_path) if finished else None}, self.resume_path)
 
     def __call__(self, engine: Engine) -> None:
-        from msf_monai.bundle import PhaseError
-        from msf_monai.flow_fit import FlowFitError
-
         self._fitting = True
         stats = self.recorder.stats
         digest = _statistics_digest(stats)

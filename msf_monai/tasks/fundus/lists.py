@@ -54,6 +54,7 @@ from ...data.core import (
     same_output_name_problems,
 )
 from ...data.validation import exit_on_data_errors
+from .synthetic import ensure_demo_fundus
 
 __all__ = [
     "FUNDUS_IMAGE_EXTENSIONS",
@@ -381,8 +382,6 @@ def fundus_datalist(dataset_dir, demo_dir=None, layout: str = "auto", mapping=No
     """
     if demo_dir is not None and Path(dataset_dir).expanduser().absolute() == \
             Path(demo_dir).expanduser().absolute():
-        from .synthetic import ensure_demo_fundus
-
         ensure_demo_fundus(demo_dir, seed=demo_seed)
     return build_fundus_datalist(dataset_dir, layout=layout, mapping=mapping)
 

@@ -42,6 +42,7 @@ from ...data.core import (
     same_output_name_problems,
 )
 from ...data.validation import exit_on_data_errors
+from .synthetic import ensure_demo_prostate
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -350,8 +351,6 @@ def prostate_datalist(dataset_dir, demo_dir=None, layout: str = "auto", demo_see
     :func:`msf_monai.tasks.prostate.ensure_demo_prostate`); any other folder is only read.
     """
     if demo_dir is not None and Path(dataset_dir).expanduser().absolute() == Path(demo_dir).expanduser().absolute():
-        from .synthetic import ensure_demo_prostate
-
         ensure_demo_prostate(demo_dir, seed=demo_seed)
     return build_datalist(dataset_dir, layout=layout)
 
