@@ -1,5 +1,6 @@
 """Helpers for tests that run bundle workflows as a user would: ``python -m monai.bundle run``
-in a subprocess, on a copy of the bundle in a temporary folder (so the repository stays clean)."""
+in a subprocess, on a copy of the bundle in a temporary folder (so the repository stays clean);
+and a separate process that holds a checkpoint lock."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # this file is tests/bundle_utils.py
 SHARED_DATA = REPO.parent / "shared" / "data"
+TINY = ("--image_size", "32", "--batch_size", "8", "--val_interval", "1")  # training settings for a tiny data set
 
 
 def copy_bundle(name: str, dest: Path) -> Path:
@@ -36,6 +39,14 @@ def check(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout
 
 
+def assert_clean_failure(proc, *names):
+    """The run failed, without a traceback, naming each of ``names``."""
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    for name in names:
+        assert str(name) in proc.stdout, (name, proc.stdout[-3000:])
+
+
 def inverted_label_dice(preprocessing, item: dict) -> float:
     """Dice, on the original grid, between a case's label file and its preprocessed label put
     back with ``Invertd`` (as inference puts predictions back): how well the preprocessing's
@@ -51,3 +62,20 @@ def inverted_label_dice(preprocessing, item: dict) -> float:
     original = np.asarray(nib.load(item["label"]).dataobj) > 0
     assert restored.shape == original.shape
     return float(2 * (restored & original).sum() / (restored.sum() + original.sum()))
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from msf_monai.locks import CheckpointLock
+    CheckpointLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def locking_process(checkpoint: Path) -> subprocess.Popen:
+    """A separate Python process that holds the lock of ``checkpoint`` (for two minutes); kill it when done."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(checkpoint)], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc

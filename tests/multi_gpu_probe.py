@@ -1,4 +1,4 @@
-"""A handler for the multi-process tests (``tests/test_multi_gpu.py``), merged into a bundle run
+"""A handler for the multi-process tests (``tests/bundle/test_multi_gpu.py``), merged into a bundle run
 with an extra config file: on every rank it records which items the engine was given and, for the
 trainer, the network's parameters when training starts (after ``prepare_network``'s broadcast).
 

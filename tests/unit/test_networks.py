@@ -1,8 +1,20 @@
+"""The networks (msf_monai.networks): the dual-decoder network, its segmentation-only view and the reference UNet."""
+
 import pytest
 import torch
 from torch import nn
 
-from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet, image_decoder_channels
+from msf_monai.methods import get_method
+from msf_monai.networks import (
+    DualDecoderNet,
+    SegmentationOnlyNet,
+    SegmentationView,
+    build_network,
+    checkpoint_architecture,
+    image_decoder_channels,
+)
+from msf_monai.styles import GIN
+from training_utils import tiny_loader, tiny_trainer
 
 
 @pytest.mark.slow
@@ -89,3 +101,21 @@ def test_bad_input_sizes_are_rejected():
         net(torch.rand(1, 1, 40, 32))
     with pytest.raises(ValueError, match="expected input"):
         net(torch.rand(1, 3, 32, 32))
+
+
+@pytest.mark.slow
+def test_reference_unet_trains_and_is_recognised(tmp_path):
+    method = get_method("unet")
+    net = build_network(method.architecture)
+    assert 1.5e6 < sum(p.numel() for p in net.parameters()) < 1.8e6
+    torch.manual_seed(0)
+    trainer = tiny_trainer(net, method.iteration(), tiny_loader(n_batches=1))
+    trainer.run()
+    assert float(trainer.state.output[0]["rec_loss"]) == 0.0
+    assert SegmentationView(net)(torch.rand(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+    torch.save(net.state_dict(), tmp_path / "unet.pt")
+    torch.save(DualDecoderNet().state_dict(), tmp_path / "dual.pt")
+    assert checkpoint_architecture(str(tmp_path / "unet.pt")) == "unet"
+    assert checkpoint_architecture(str(tmp_path / "dual.pt")) == "dual_decoder"
+    with pytest.raises(ValueError, match="no style layers"):
+        build_network("unet", encoder_styles={1: GIN()})

@@ -1,24 +1,73 @@
-"""Evaluation never counts training patients as source results (issue 16, item 1): the source
-site's cases are the validation side of the split the checkpoint was trained with."""
+"""The bundle helpers (msf_monai.bundle): settings checked before any work, the evaluation split and checkpoint paths."""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from bundle_utils import REPO, check, copy_bundle, run_bundle
-from msf_monai.bundle import ConfigValueError, evaluation_split, select_sites
+from bundle_utils import REPO
+from msf_monai.bundle import (
+    ConfigValueError,
+    check_overrides,
+    check_settings,
+    evaluation_split,
+    select_sites,
+    unknown_overrides,
+)
 from msf_monai.data import split_by_patient
-from msf_monai.tasks.prostate.synthetic import generate_demo_prostate
 from msf_monai.training_record import read_training_record, training_record_file, write_training_record
 
 
+# ---------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------
+def test_all_bad_values_are_reported_together():
+    with pytest.raises(ConfigValueError) as err:
+        check_settings(image_size=96, epochs=0, lr=-1.0, statistic="var", style_guard_range=0, resume="maybe")
+    text = str(err.value)
+    for part in ("--epochs 0", "--lr -1.0", "--statistic 'var'", "--style_guard_range 0", "--resume 'maybe'"):
+        assert part in text
+    assert check_settings(image_size=96, epochs=1, lr=1e-4, statistic="variance", style_guard_range=None, resume="false")
+    with pytest.raises(ConfigValueError):
+        check_settings(epochs=True)  # a boolean is not a number of epochs
+    with pytest.raises(TypeError):
+        check_settings(epoch=3)  # a rule must exist for every checked id
+
+
+def test_override_keys_against_config_ids():
+    ids = {"epochs", "lr", "network_def", "network_def#_target_", "network_def#in_channels", "train", "train#handlers",
+           "train#handlers#0"}
+    found = unknown_overrides(["epochs", "epoch", "network_def#dropout", "train#handlers#0", "train#handler", "config_file"], ids)
+    assert set(found) == {"epoch", "train#handler"}  # a component's new keyword and run's own arguments are fine
+    assert found["epoch"] == ["epochs"] and found["train#handler"][0] == "train#handlers"
+    # only `python -m monai.bundle run` command lines are checked
+    cfg = str(REPO / "bundles" / "prostate" / "configs" / "phase1.json")
+    main = os.path.join("x", "monai", "bundle", "__main__.py")
+    assert check_overrides(["pytest", "--config_file", cfg, "--epoch", "1"])
+    with pytest.raises(ConfigValueError):
+        check_overrides([main, "run", "--config_file", cfg, "--epoch=1"])
+    assert check_overrides([main, "run", "--config_file", cfg, "--epochs", "1", "--meta_file", "m.json"])
+
+
+def test_one_set_of_settings_for_several_configs():
+    """scripts/demo.sh passes its extra settings to each config that has them."""
+    from msf_monai.bundle import arguments_for
+
+    configs = REPO / "bundles" / "prostate" / "configs"
+    every = [configs / f"{p}.json" for p in ("phase1", "phase2", "phase3", "evaluate")]
+    args = ["--epochs", "2", "--val_interval", "1", "--image_size", "32", "--style_layers", "[2, 3]"]
+    assert arguments_for(configs / "phase1.json", args, every) == ["--epochs", "2", "--val_interval", "1", "--image_size", "32"]
+    assert arguments_for(configs / "phase2.json", args, every) == ["--epochs", "2", "--image_size", "32", "--style_layers", "[2, 3]"]
+    assert arguments_for(configs / "evaluate.json", args, every) == ["--image_size", "32"]
+    with pytest.raises(ConfigValueError, match=r"--epoch \(did you mean --epochs\?\)"):
+        arguments_for(configs / "evaluate.json", ["--epoch", "2"], every)
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation split: never a training patient counted as a source result
+# ---------------------------------------------------------------------------------------------
 def _datalist(n_source=10, n_other=3):
     items = [{"image": f"A/Case{i:02d}.nii.gz", "label": "l", "site": "SiteA", "case": f"Case{i:02d}"} for i in range(n_source)]
     items += [{"image": f"B/Case{i:02d}.nii.gz", "label": "l", "site": "SiteB", "case": f"Case{i:02d}"}
@@ -66,57 +115,9 @@ def test_split_without_a_record(tmp_path):
     assert len(everything["cases"]) == len(data) and everything["info"]["source_site"] is None
 
 
-def test_record_of_runs_before_it_existed_comes_from_the_saved_state(tmp_path):
-    from msf_monai.resume import RESUME_FORMAT
-
-    ckpt = tmp_path / "phase1_model.pt"
-    torch.save({"format": RESUME_FORMAT, "settings": {"source_site": "SiteA", "seed": 5, "val_fraction": 0.3}},
-               tmp_path / "phase1_model_resume.pt")
-    record = read_training_record(ckpt)
-    assert record["settings"]["seed"] == 5 and record["file"].endswith("phase1_model_resume.pt")
-
-
-def _read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.mark.slow
-def test_evaluate_script_leaves_training_patients_out(tmp_path):
-    """Real-data defaults (no default source site), a training run with a non-default split,
-    then ``scripts/evaluate.py`` without --source_site, --seed or --val_fraction."""
-    data = tmp_path / "data"
-    generate_demo_prostate(data, cases_per_site={"SiteA": 8, "SiteB": 2}, shape=(40, 40, 6), sites=["SiteA", "SiteB"])
-    bundle = copy_bundle("prostate", tmp_path)
-    common = ("--dataset_dir", str(data), "--image_size", "32")
-    check(run_bundle(tmp_path, "phase1", *common, "--source_site", "SiteA", "--seed", "2", "--val_fraction", "0.4",
-                     "--epochs", "1", "--batch_size", "8", "--val_interval", "1"))
-    ckpt = bundle / "models" / "phase1_model.pt"
-    record = json.loads((bundle / "models" / "phase1_model_training.json").read_text())
-    assert record["settings"]["seed"] == 2 and record["settings"]["source_site"] == "SiteA"
-
-    out = tmp_path / "table"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(bundle), str(ckpt), "--names", "Baseline",
-           "--output_dir", str(out), *common]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    from msf_monai.tasks.prostate import prostate_datalist
-
-    _, val = split_by_patient(select_sites(prostate_datalist(str(data)), "SiteA"), val_fraction=0.4, seed=2)
-    rows = _read_csv(out / "per_case" / "Baseline_per_case.csv")
-    assert sorted(r["case"] for r in rows if r["site"] == "SiteA") == sorted(d["case"] for d in val)
-    assert sorted(r["case"] for r in rows if r["site"] == "SiteB") == ["Case08", "Case09"]
-    summary = json.loads((out / "per_case" / "Baseline_summary.json").read_text())
-    assert summary["split"]["source_cases"] == len(val) == summary["sites"]["SiteA"]["n"]
-    assert summary["split"]["source_total"] == 8
-    assert "| model | SiteA (source) | SiteB | unseen mean |" in proc.stdout  # the table knows the source
-
-    # evaluate.json with another split than training: stopped before any work, no traceback
-    proc = run_bundle(tmp_path, "evaluate", *common, "--checkpoint", str(ckpt), "--seed", "0")
-    assert proc.returncode == 1 and "--seed 0 (trained with 2)" in proc.stdout and "Traceback" not in proc.stdout
-
-
+# ---------------------------------------------------------------------------------------------
+# checkpoint paths
+# ---------------------------------------------------------------------------------------------
 def test_checkpoint_paths_and_hints(tmp_path, monkeypatch):
     from msf_monai.bundle import MissingPhaseOutputError, find_checkpoint
 

@@ -1,8 +1,9 @@
-"""scripts/evaluate.py, scripts/benchmark_dg.py and scripts/style_gallery.py on tiny real runs."""
+"""scripts/evaluate.py and scripts/benchmark_dg.py on tiny real runs."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_utils import REPO, copy_bundle
-from msf_monai.flows import StyleFlowBank
-from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet, image_decoder_channels
+from bundle_utils import REPO, check, copy_bundle, run_bundle
+from msf_monai.bundle import select_sites
+from msf_monai.data import split_by_patient
+from msf_monai.networks import SegmentationOnlyNet
+from msf_monai.tasks.prostate.synthetic import generate_demo_prostate
 
-sys.path.insert(0, str(REPO / "scripts"))
+pytestmark = pytest.mark.slow
 
 
 def _script(*args, cwd, timeout=900) -> str:
@@ -95,46 +98,36 @@ def test_benchmark_script_trains_evaluates_and_tabulates(tmp_path):
 
 
 @pytest.mark.slow
-def test_gallery_columns_stylize():
-    from style_gallery import gallery_columns
+def test_evaluate_script_leaves_training_patients_out(tmp_path):
+    """Real-data defaults (no default source site), a training run with a non-default split,
+    then ``scripts/evaluate.py`` without --source_site, --seed or --val_fraction."""
+    data = tmp_path / "data"
+    generate_demo_prostate(data, cases_per_site={"SiteA": 8, "SiteB": 2}, shape=(40, 40, 6), sites=["SiteA", "SiteB"])
+    bundle = copy_bundle("prostate", tmp_path)
+    common = ("--dataset_dir", str(data), "--image_size", "32")
+    check(run_bundle(tmp_path, "phase1", *common, "--source_site", "SiteA", "--seed", "2", "--val_fraction", "0.4",
+                     "--epochs", "1", "--batch_size", "8", "--val_interval", "1"))
+    ckpt = bundle / "models" / "phase1_model.pt"
+    record = json.loads((bundle / "models" / "phase1_model_training.json").read_text())
+    assert record["settings"]["seed"] == 2 and record["settings"]["source_site"] == "SiteA"
 
-    torch.manual_seed(0)
-    net = DualDecoderNet()
-    channels = image_decoder_channels()
-    bank = StyleFlowBank({k: channels[k] for k in (2, 3, 4)})
-    rng = np.random.default_rng(0)
-    bank.fit({k: {"mean": rng.normal(size=(30, c)), "var": rng.uniform(0.5, 2, size=(30, c))} for k, c in bank.layer_channels.items()},
-             epochs=1, lr=1e-3)
-    images = torch.rand(3, 1, 32, 32)
-    labels = (torch.rand(3, 1, 32, 32) > 0.7).float()
-    cols = gallery_columns(net, bank, images, labels, temperatures=(1.0, 3.5))
-    expected = {"clean", "reconstruction", "mixstyle", "dsu", "trid", "efdm", "randconv", "maxstyle (adversarial)",
-                "MixStyleFlow T=1", "MixStyleFlow T=3.5", "MSF residual T=1", "MSF residual T=3.5"}
-    assert set(cols) == expected
-    for name, batch in cols.items():
-        assert batch.shape == images.shape and torch.isfinite(batch).all(), name
-    for name in expected - {"clean", "reconstruction", "randconv"}:
-        assert not torch.allclose(cols[name], cols["reconstruction"], atol=1e-3), f"{name} did not stylize"
-    assert not torch.allclose(cols["randconv"], images)
-    assert len(net.image_decoder_styles) == 0  # the gallery leaves the network as it found it
+    out = tmp_path / "table"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(bundle), str(ckpt), "--names", "Baseline",
+           "--output_dir", str(out), *common]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    from msf_monai.tasks.prostate import prostate_datalist
 
+    _, val = split_by_patient(select_sites(prostate_datalist(str(data)), "SiteA"), val_fraction=0.4, seed=2)
+    rows = _read_csv(out / "per_case" / "Baseline_per_case.csv")
+    assert sorted(r["case"] for r in rows if r["site"] == "SiteA") == sorted(d["case"] for d in val)
+    assert sorted(r["case"] for r in rows if r["site"] == "SiteB") == ["Case08", "Case09"]
+    summary = json.loads((out / "per_case" / "Baseline_summary.json").read_text())
+    assert summary["split"]["source_cases"] == len(val) == summary["sites"]["SiteA"]["n"]
+    assert summary["split"]["source_total"] == 8
+    assert "| model | SiteA (source) | SiteB | unseen mean |" in proc.stdout  # the table knows the source
 
-@pytest.mark.slow
-def test_the_table_gives_each_sites_style_shift_flags(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    from evaluate import write_table
-
-    per_case = tmp_path / "per_case"
-    per_case.mkdir()
-    summary = {"channels": ["prostate"], "cases": [],
-               "sites": {"SiteA": {"n": 2, "prostate": {"mean": 0.8}}, "SiteB": {"n": 3, "prostate": {"mean": 0.6}}}}
-    (per_case / "m_summary.json").write_text(__import__("json").dumps(summary))
-    assert "Style-shift flags" not in write_table({"m": [per_case / "m_summary.json"]}, tmp_path, "SiteA", "t")
-    with open(per_case / "style_shift.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "site", "flag"])
-        writer.writeheader()
-        writer.writerows([{"case": "a1", "site": "SiteA", "flag": 0}, {"case": "a2", "site": "SiteA", "flag": 0},
-                          {"case": "b1", "site": "SiteB", "flag": 1}, {"case": "b2", "site": "SiteB", "flag": 1},
-                          {"case": "b3", "site": "SiteB", "flag": 0}])
-    text = write_table({"m": [per_case / "m_summary.json"]}, tmp_path, "SiteA", "t")
-    assert "SiteA 0/2 (0 %), SiteB 2/3 (67 %)" in text and text in (tmp_path / "dg_table.md").read_text()
+    # evaluate.json with another split than training: stopped before any work, no traceback
+    proc = run_bundle(tmp_path, "evaluate", *common, "--checkpoint", str(ckpt), "--seed", "0")
+    assert proc.returncode == 1 and "--seed 0 (trained with 2)" in proc.stdout and "Traceback" not in proc.stdout

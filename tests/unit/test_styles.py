@@ -1,4 +1,4 @@
-"""Tests for msf_monai.styles: MixStyleFlow and the baseline feature-style layers."""
+"""The feature-style layers (msf_monai.styles): MixStyleFlow, GIN and the baseline style layers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import nn
 from msf_monai import styles
 from msf_monai.styles import (
     DSU,
+    GIN,
     STYLE_LAYERS,
     MaxStyle,
     EFDMix,
@@ -19,7 +20,10 @@ from msf_monai.styles import (
     build_style_layer,
     channel_stats,
     mix_feature_style,
+    mixstyleflow_layers,
 )
+from training_utils import fitted_bank
+
 
 BASELINES = ["mixstyle", "dsu", "trid", "efdm", "randconv", "maxstyle"]
 
@@ -527,3 +531,43 @@ def test_registry_unknown_name_lists_valid():
     assert "adain" in msg
     for name in STYLE_LAYERS:
         assert name in msg
+
+
+def test_mixstyleflow_layers_take_temperatures_guard_and_measure_shift():
+    bank, stats = fitted_bank()
+    layers = mixstyleflow_layers(bank, temperatures=[1.0], guard_range=2.0, p=1.0, lam=0.0)
+    assert bank.temperatures[2] == 1.0 and bank.guard_range == 2.0
+    x = torch.randn(3, 4, 8, 8)
+    layers[2].train()(x)
+    shift = layers[2].last_shift
+    # lam = 0: the whole distance from each image's own statistics to the sampled ones, in
+    # units of the real statistics' spread
+    assert shift is not None and shift["mean"] > 1.0
+    with pytest.raises(ValueError, match="temperatures"):
+        mixstyleflow_layers(bank, temperatures=[1.0, 2.0])
+    # the shift against a direct computation: style (3, 2), lam 0.25, spreads of the real statistics (2, 4)
+    layer = MixStyleFlow(lambda n: (torch.full((n, 4), 3.0), torch.full((n, 4), 2.0)), p=1.0, lam=0.25,
+                         style_scale=(torch.full((4,), 2.0), torch.full((4,), 4.0))).train()
+    layer(x)
+    mu, sigma = x.mean(dim=(2, 3)), (x.var(dim=(2, 3), unbiased=False) + 1e-6).sqrt()
+    assert layer.last_shift["mean"] == pytest.approx(float((0.75 * (3.0 - mu)).abs().mean() / 2.0), rel=1e-5)
+    assert layer.last_shift["std"] == pytest.approx(float((0.75 * (2.0 - sigma)).abs().mean() / 4.0), rel=1e-5)
+    layer.p = 0.0
+    layer(x)
+    assert layer.last_shift is None  # an inactive call measures nothing
+
+
+def test_gin_keeps_shape_norm_and_varies():
+    torch.manual_seed(0)
+    gin = GIN(p=1.0)
+    x = torch.rand(3, 1, 32, 32)
+    a, b = gin.train()(x), gin(x)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert not torch.allclose(a, b)  # a new random network per call
+    assert not torch.allclose(a[0], a[1] * x[0].norm() / x[1].norm())  # and per image
+    torch.testing.assert_close(a.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1), rtol=1e-3, atol=1e-3)
+    assert torch.equal(gin.eval()(x), x)
+    rgb = torch.rand(2, 3, 16, 16)
+    assert GIN(p=1.0).train()(rgb).shape == rgb.shape
+    with pytest.raises(ValueError, match="2-D"):
+        GIN(p=1.0).train()(torch.rand(1, 1, 8, 8, 8))

@@ -1,6 +1,8 @@
-"""The style-shift score (msf_monai.style_shift): the flows' negative log-likelihood of a case's
-feature statistics, checked against a computation without the scorer; its calibration on the
-source validation cases (Phase II); the writer's behaviour without Phase II files."""
+"""The style-shift score (msf_monai.style_shift), checked against a computation without the scorer.
+
+The score is the flows' negative log-likelihood of a case's feature statistics; also checked: its
+calibration on the source validation cases (Phase II), its readable scale, and the writer's
+behaviour without Phase II files."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet
 from msf_monai.style_shift import StyleShiftScorer, StyleShiftWriter, calibrate_style_shift, image_slices
 from msf_monai.tasks.prostate import generate_demo_prostate, image_files
+
 
 SIZE = 32
 
@@ -216,3 +219,20 @@ def test_the_flag_agrees_with_the_written_score_and_threshold(tmp_path):
     flags = {r["case"]: r["flag"] for r in writer.rows}
     assert flags == {"at": 0, "above": 1}
     assert all(r["flag"] == int(r["score"] > r["threshold"]) for r in writer.rows)
+
+
+def test_style_shift_readable_scale_against_a_direct_computation():
+    from msf_monai.style_shift import readable_scale
+
+    calibration = {"threshold": 9.0, "cases": [{"score": v} for v in (1.0, 2.0, 3.0, 5.0)]}  # median 2.5
+    for score, percentile, level in [
+        (0.5, 0.0, 0.0),  # below every source case
+        (2.5, 50.0, 0.0),  # the median
+        (9.0, 100.0, np.log10(2.0)),  # the threshold: 0.30
+        (2.5 + 6.5 * 999, 100.0, 3.0),  # 999 threshold-distances beyond the median: three orders
+    ]:
+        p, lv = readable_scale(score, calibration)
+        assert p == pytest.approx(percentile) and lv == pytest.approx(level), score
+    assert all(np.isnan(v) for v in readable_scale(3.0, {"threshold": 1.0, "cases": []}))
+    # all source cases alike: the spread falls back to 1, no division by zero
+    assert readable_scale(4.0, {"threshold": 2.0, "cases": [{"score": 2.0}] * 3}) == (100.0, pytest.approx(np.log10(3.0)))

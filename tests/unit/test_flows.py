@@ -1,4 +1,4 @@
-"""Tests for msf_monai.flows: RealNVP style flows, temperature sampling and the flow bank."""
+"""The style flows (msf_monai.flow_model, flow_fit and flows): RealNVP flows, fitting, temperature sampling and its guards, the flow bank."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import pytest
 import torch
 from nflows.transforms import ActNorm
 
+from msf_monai.bundle import PhaseError
 from msf_monai.flow_fit import FlowFitError, fit_flow, sample_flow
 from msf_monai.flow_model import ClampedAffineCoupling, CouplingMLP, build_style_flow
 from msf_monai.flows import StyleFlowBank
+from training_utils import fitted_bank
+
 
 LAYERS = {2: 32, 3: 16, 4: 16}
 
@@ -445,3 +448,131 @@ def test_mixstyleflow_imposes_the_sampled_std_on_the_features(statistic):
     expected = 4.0 if statistic == "variance" else 16.0
     torch.testing.assert_close(out.std(dim=(2, 3), unbiased=False), torch.full((3, 4), expected), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(out.mean(dim=(2, 3)), torch.full((3, 4), 16.0), rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- resumed fits, failures and the guards
+
+
+def _flow(seed=0):
+    torch.manual_seed(seed)
+    return build_style_flow(4, num_blocks=2)
+
+
+@pytest.mark.slow
+def test_flow_fit_resumed_from_a_checkpoint_equals_an_uninterrupted_fit():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=gen) * torch.tensor([1.0, 2.0, 3.0, 4.0]) + 1
+    val = torch.randn(20, 4, generator=gen)
+    kw = dict(epochs=6, lr=1e-3, val_data=val, seed=3, log_every=0)
+    whole = _flow()
+    history = fit_flow(whole, x, **kw)
+    states = []
+
+    class Killed(Exception):
+        pass
+
+    def crash_at_4(state):
+        states.append(state)
+        if state["epoch"] == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit_flow(_flow(), x, checkpoint_every=2, on_checkpoint=crash_at_4, **kw)
+    resumed = _flow(seed=1)  # other initial weights: everything comes from the state
+    assert fit_flow(resumed, x, resume_state=states[-1], **kw) == history
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_flow_problems_name_the_layer_and_the_guard_count_is_reported(caplog, tmp_path):
+    bank = StyleFlowBank({2: 4}, temperatures={2: 1.0})
+    good = np.abs(np.random.default_rng(0).normal(1, 0.2, (30, 4))).astype(np.float32)
+    bad = good.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="layer 2 statistic 'mean'.*non-finite"):
+        bank.fit({2: {"mean": bad, "var": good}}, epochs=1)
+    with pytest.raises(FlowFitError, match="mean flow of style layer 2: flow fit diverged"):
+        noise = np.random.default_rng(1).normal(size=(200, 4)).astype(np.float32)
+        bank.fit({2: {"mean": noise, "var": noise**2}}, epochs=20, lr=1e6, val_fraction=0.0)
+    # in the Phase II handler both stop the phase with a message, not a traceback
+    from msf_monai.handlers import StyleFlowFitter, StyleStatisticsRecorder
+
+    recorder = StyleStatisticsRecorder(layers=[2])
+    recorder.stats = {2: {"mean": bad, "var": good}}
+    fitter = StyleFlowFitter(recorder, StyleFlowBank({2: 4}), tmp_path / "flows.pt", epochs=1)
+    with pytest.raises(PhaseError, match="layer 2"):
+        fitter(None)
+    # the sampling guard: replaced samples are counted and logged. An input ActNorm with scale
+    # e^-8 makes the inverse map blow most draws at T = 3.5 beyond the guard's |x| <= 1e4
+    bank = StyleFlowBank({2: 4}, temperatures={2: 3.5})
+    with torch.no_grad():
+        for flows in (bank.mean_flows, bank.spread_flows):
+            flows["2"]._transform._transforms[0].log_scale.fill_(-8.0)
+    with caplog.at_level(logging.WARNING, logger="msf_monai.flows"):
+        bank.sample(2, 300, generator=torch.Generator().manual_seed(0))
+    n_mean, n_spread = bank.last_replaced["mean"], bank.last_replaced["spread"]
+    assert n_mean > 30 and n_spread > 30
+    assert f"replaced {n_mean} mean and {n_spread} spread sample(s)" in caplog.text
+    assert bank.guard_counts[2] == {"drawn": 600, "replaced": n_mean + n_spread}
+
+
+@pytest.mark.slow
+def test_relative_guard_keeps_samples_within_the_observed_range(tmp_path):
+    bank, stats = fitted_bank()
+    # perturb the flow so that it emits outliers: a huge shift on one output channel
+    flow = bank.mean_flows["2"]
+    actnorm = [m for m in flow._transform._transforms if hasattr(m, "log_scale")][-1]
+    with torch.no_grad():
+        actnorm.shift[0] += 50.0  # ActNorm's inverse subtracts the shift: channel 0 lands ~50 away
+    raw, _ = sample_flow(flow, 400, 3.5, max_abs=float("inf"), generator=torch.Generator().manual_seed(0))
+    low, high = bank.sampling_bounds(2, "mean")
+    outside = ((raw < low) | (raw > high)).any(dim=1)
+    assert int(outside.sum()) > 0  # the perturbed flow does emit outliers ...
+    # ... and with channel 0 far off every row stays outside: after the redraws they are pulled
+    # into the bounds, never passed on
+    assert bool(outside.all())
+    mean, _ = bank.sample(2, 50)
+    assert bool(((mean >= low) & (mean <= high)).all()) and bank.last_replaced["mean"] == 50
+    # a milder perturbation: some rows out of range, replaced and counted
+    with torch.no_grad():
+        actnorm.shift[0] -= 50.0
+        actnorm.log_scale[0] -= 1.0  # widen channel 0 by e
+    raw, _ = sample_flow(flow, 2000, 3.5, max_abs=float("inf"), generator=torch.Generator().manual_seed(0))
+    n_out = int(((raw < low) | (raw > high)).any(dim=1).sum())
+    assert n_out > 0
+    mean, std = bank.sample(2, 2000)
+    assert bool(((mean >= low) & (mean <= high)).all())
+    assert bank.last_replaced["mean"] > 0 and bank.guard_counts[2]["replaced"] >= bank.last_replaced["mean"]
+    assert (std > 0).all()
+    # the bound is k times the observed range on each side, k configurable; None switches it off
+    obs = stats[2]["mean"]
+    width = obs.max(0) - obs.min(0)
+    np.testing.assert_allclose(low.numpy(), obs.min(0) - width, rtol=1e-4)
+    bank.guard_range = 0.5
+    low2, _ = bank.sampling_bounds(2, "mean")
+    np.testing.assert_allclose(low2.numpy(), obs.min(0) - 0.5 * width, rtol=1e-4)
+    bank.guard_range = None
+    assert bank.sampling_bounds(2, "mean") is None
+    # a channel that was constant in the data gives no range: it is left unbounded
+    bank.guard_range = 1.0
+    bank.observed[2]["mean"]["high"] = bank.observed[2]["mean"]["low"].clone()
+    low3, high3 = bank.sampling_bounds(2, "mean")
+    assert torch.isinf(low3).all() and torch.isinf(high3).all()
+    bank.observed[2]["mean"]["high"] = torch.as_tensor(obs.max(0), dtype=torch.float32)
+    # the observed range travels with the checkpoint
+    bank.guard_range = 1.0
+    bank.save(tmp_path / "flows.pt")
+    loaded = StyleFlowBank.load(tmp_path / "flows.pt")
+    torch.testing.assert_close(loaded.sampling_bounds(2, "mean")[0], low)
+
+
+def test_version_1_flow_checkpoints_still_load_without_the_relative_guard(tmp_path, caplog):
+    bank, _ = fitted_bank()
+    bank.save(tmp_path / "flows.pt")
+    payload = torch.load(tmp_path / "flows.pt", weights_only=True)
+    payload["version"] = 1
+    del payload["observed"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = StyleFlowBank.load(tmp_path / "old.pt")
+    assert old.observed == {} and old.sampling_bounds(2, "mean") is None
+    mean, std = old.sample(2, 10)
+    assert mean.shape == (10, 4) and "no observed statistics range" in caplog.text

@@ -1,4 +1,4 @@
-"""Every ``style_method`` trains through the bundle's phase3.json and changes training, not evaluation.
+"""The style methods (msf_monai.methods): every ``style_method`` trains through phase3.json, changing training, not evaluation.
 
 The in-process tests parse the generated ``phase3.json`` with MONAI's ConfigParser (as
 ``monai.bundle run`` does) on a copy of the prostate bundle with demo data at 32 px, run one
@@ -18,10 +18,13 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_utils import check, copy_bundle, run_bundle
+from bundle_utils import copy_bundle
 from msf_monai.flows import StyleFlowBank
 from msf_monai.methods import METHODS, get_method
-from msf_monai.networks import SegmentationOnlyNet, SegmentationView, build_network, image_decoder_channels
+from msf_monai.networks import DualDecoderNet, SegmentationView, build_network, image_decoder_channels
+from msf_monai.styles import GIN, MixStyleFlow
+from training_utils import tiny_loader, tiny_trainer
+
 
 TINY = {"image_size": 32, "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "$torch.device('cpu')"}
 
@@ -183,23 +186,34 @@ def test_phase3_settings_reach_the_step_and_init_from_phase1_loads_phase1_weight
     assert any(not torch.equal(fresh[k], v) for k, v in phase1.items() if k.endswith("weight"))
 
 
-@pytest.mark.slow
-def test_unknown_style_method_is_a_clear_error(tmp_path):
-    copy_bundle("prostate", tmp_path)
-    proc = run_bundle(tmp_path, "phase3", "--style_method", "mixstyel", "--image_size", "32")
-    assert proc.returncode != 0
-    assert "unknown style_method 'mixstyel'" in proc.stdout and "mixstyleflow" in proc.stdout
-    assert "Traceback" not in proc.stdout
-    assert not (tmp_path / "bundles" / "prostate" / "demo_data").exists(), "work started before the check"
+def test_gin_method_trains_with_a_clean_reconstruction_target():
+    iteration = get_method("gin").iteration(p=1.0)
+    assert isinstance(iteration.input_style, GIN)
+    targets = []
+    mse = iteration.rec_loss
+    iteration.rec_loss = lambda rec, target: targets.append(target) or mse(rec, target)
+    torch.manual_seed(0)
+    trainer = tiny_trainer(DualDecoderNet(), iteration, tiny_loader(n_batches=1))
+    trainer.run()
+    batch = next(iter(tiny_loader(n_batches=1)))
+    assert len(targets) == 1 and torch.equal(targets[0], batch["image"])  # reconstruct the clean image ...
+    out = trainer.state.output[0]
+    assert not torch.allclose(out["stylized"], out["image"])  # ... from the GIN-augmented one
 
 
-@pytest.mark.slow
-def test_a_baseline_trains_end_to_end_through_the_bundle(tmp_path):
-    """``--style_method dsu`` needs no Phase I/II outputs and writes its own checkpoint."""
-    target = copy_bundle("prostate", tmp_path)
-    out = check(run_bundle(tmp_path, "phase3", "--style_method", "dsu", "--image_size", "32", "--epochs", "1", "--batch_size", "8"))
-    assert "Epoch[1] Complete" in out
-    assert (target / "logs" / "phase3_dsu").is_dir() and not (target / "logs" / "phase3").exists()
-    ckpt = target / "models" / "model_dsu.pt"
-    assert ckpt.is_file() and not (target / "models" / "model.pt").exists()
-    SegmentationOnlyNet().load_state_dict(torch.load(ckpt, weights_only=True), strict=True)
+def test_encoder_mixstyleflow_samples_from_encoder_flows(tmp_path):
+    method = get_method("mixstyleflow_encoder")
+    assert method.needs_flows and method.style_source == "encoder" and method.flow_file() == "style_flows_encoder.pt"
+    bank = StyleFlowBank({1: 32, 2: 64}, temperatures={1: 1.5, 2: 2.5}, num_blocks=1)
+    rng = np.random.RandomState(0)
+    bank.fit({k: {"mean": rng.randn(50, c), "var": rng.rand(50, c) + 0.1} for k, c in {1: 32, 2: 64}.items()},
+             epochs=1, log_every=0)
+    bank.save(tmp_path / "enc.pt", style_source="encoder")
+    styles = method.encoder_styles(p=1.0, flow_checkpoint=str(tmp_path / "enc.pt"))
+    assert set(styles) == {1, 2} and all(isinstance(s, MixStyleFlow) for s in styles.values())
+    assert method.image_decoder_styles(flow_checkpoint=str(tmp_path / "enc.pt")) == {}
+    bank.save(tmp_path / "dec.pt", style_source="image_decoder")
+    from msf_monai.bundle import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match="encoder"):
+        method.encoder_styles(p=1.0, flow_checkpoint=str(tmp_path / "dec.pt"))

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_utils import SHARED_DATA, check, copy_bundle, inverted_label_dice, run_bundle
+from bundle_utils import SHARED_DATA, check, copy_bundle, run_bundle
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
+
+pytestmark = pytest.mark.slow
+
 
 TINY = ("--image_size", "32", "--batch_size", "8", "--val_interval", "1")
 
@@ -129,14 +132,3 @@ def test_real_volumes_in_multisite_layout(tmp_path):
         assert mask.shape == image.shape
         np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
-
-
-@pytest.mark.skipif(not (SHARED_DATA / "prostate_nci_isbi").is_dir(), reason="needs ../shared/data")
-def test_inverted_preprocessing_puts_masks_back_on_the_original_grid():
-    """Inference's geometry on a real, non-RAS volume: a 'prediction' equal to the preprocessed
-    label, inverted with the preprocessing, matches the original label."""
-    from msf_monai.tasks.prostate import prostate_preprocessing
-
-    src = SHARED_DATA / "prostate_nci_isbi"
-    item = {"image": str(src / "Case30.nii.gz"), "label": str(src / "Case30_Segmentation.nii.gz")}
-    assert inverted_label_dice(prostate_preprocessing(128), item) > 0.9
