@@ -13,7 +13,7 @@ file ``bundles/_templates/<task>.json`` holds the task's ids:
 The result, ``bundles/<task>/configs/<phase>.json``, is one self-contained file per phase, so a
 user runs ``python -m monai.bundle run --config_file bundles/<task>/configs/<phase>.json``
 and a packaged bundle needs nothing else. Only the ids a phase refers to are written.
-``tests/test_bundle_configs.py`` fails when a generated file is out of date.
+``tests/unit/test_bundle_configs.py`` fails when a generated file is out of date.
 
 Overlays (``OVERLAYS``: ``multi_gpu_train.json``) are not phases: they are merged on top of a
 phase config at run time (``--config_file "['.../phase1.json','.../multi_gpu_train.json']"``)

@@ -66,7 +66,7 @@ rm -rf "$bundle/models" "$bundle/logs" "$bundle/eval"
 common=(--bundle_root "$bundle" --image_size "$SIZE" --amp auto)
 
 # GPU_CHECK_TESTS / GPU_CHECK_SPEED_ARGS narrow the first two steps (the CPU run of the test suite)
-read -r -a tests <<< "${GPU_CHECK_TESTS:-tests/test_accelerator.py tests/test_flow_stack.py}"
+read -r -a tests <<< "${GPU_CHECK_TESTS:-tests/unit/test_accelerator.py tests/unit/test_flow_stack.py}"
 read -r -a speed_args <<< "${GPU_CHECK_SPEED_ARGS:---repeats 5 --warmup 2}"
 step tests 75 "$PYTHON" -m pytest -q -p no:cacheprovider "${tests[@]}"
 step benchmark_speed 120 "$PYTHON" scripts/benchmark_speed.py --sizes "[$SIZE]" --flow_fit_rounds 1 \
