@@ -1,15 +1,15 @@
 """Resumable training: full training checkpoints written atomically, and picked up again when
 the same command is run after a crash, a pre-empted GPU or a ``kill``.
 
-* States and models are written with :func:`msf_monai.files.atomic_save`: a reader (or a
-  resumed run) sees the old file or the new one, never half a file.
-* :class:`TrainingCheckpointer` -- ignite handler for the Phase I / III trainers. Every
-  ``interval`` epochs it writes the *latest* full training state (network, optimizer, lr
-  scheduler, epoch/iteration, best validation metric, torch/numpy/python RNG states) and,
-  whenever the validation metric improves, the *best* model weights (the bundle's
-  ``models/<checkpoint_name>``). On ``Events.STARTED`` it loads the latest state again when
-  ``resume`` is true, so the epoch numbering, the optimizer moments and the best metric go on
-  where the interrupted run stopped.
+* :class:`TrainingCheckpointer` -- ignite handler for the Phase I / III trainers, built on
+  ignite's ``Checkpoint``. Every ``interval`` epochs it writes the *latest* full training state
+  (network, optimizer, lr scheduler, epoch/iteration, best validation metric, torch/numpy/python
+  RNG states: :class:`RNGStates`) and, whenever the validation metric improves, the *best* model
+  weights (the bundle's ``models/<checkpoint_name>``). On ``Events.STARTED`` it loads the latest
+  state again (``Checkpoint.load_objects``) when ``resume`` is true, so the epoch numbering, the
+  optimizer moments and the best metric go on where the interrupted run stopped.
+* :class:`AtomicFileSaver` -- its save handler: :func:`msf_monai.files.atomic_save` to one fixed
+  file, so a reader (or a resumed run) sees the old file or the new one, never half a file or none.
 * :func:`check_resume` -- called in the configs' ``initialize`` (before any work): refuses to
   silently retrain a phase whose saved state says it finished, and refuses to resume a state
   saved with other data or settings.
@@ -37,24 +37,28 @@ import random
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 
 from .cli import as_bool
 from .errors import CheckpointLockedError, MissingPhaseOutputError, UnfinishedPhaseError
 from .files import atomic_save, file_digest, remove_stale_temporaries
+from .flow_fit import detached_cpu_copy
 from .locks import describe_holder, lock_holder, lock_path
 from .saved_state import RESUME_FORMAT, RESUME_VERSION, ResumeError, load_resume_state, plain_settings, setting_differences
 from .training_record import write_training_record
 
 __all__ = [
     "RESUME_FORMAT",
+    "AtomicFileSaver",
     "PhaseFinishedError",
+    "RNGStates",
     "ResumeError",
     "TrainingCheckpointer",
     "check_resume",
@@ -111,46 +115,41 @@ def exit_on_interrupt(engine: Engine, error: BaseException, message: str) -> Non
 # ---------------------------------------------------------------------------------------------
 # random number generators
 # ---------------------------------------------------------------------------------------------
-def get_rng_states() -> dict:
-    """torch (CPU and every CUDA device), numpy and python ``random`` states, as plain values."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": _plain_tuple(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    return states
+class RNGStates:
+    """The torch (CPU and every CUDA device), numpy and python ``random`` generators as one object
+    with ``state_dict`` / ``load_state_dict`` (plain values), for ignite's ``Checkpoint``."""
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss = random.getstate()
+        states = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": [version, list(internal), gauss],
+        }
+        if torch.cuda.is_available():
+            states["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        return states
+
+    def load_state_dict(self, states: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned (CUDA states only where the devices exist)."""
+        if "torch" in states:
+            torch.set_rng_state(states["torch"].cpu())
+        if "numpy" in states:
+            s = states["numpy"]
+            keys = np.asarray(s["keys"].numpy() if isinstance(s["keys"], torch.Tensor) else s["keys"], dtype=np.uint32)
+            np.random.set_state((s["kind"], keys, int(s["pos"]), int(s["has_gauss"]), float(s["cached_gaussian"])))
+        if "python" in states:
+            version, internal, gauss = states["python"]
+            random.setstate((version, tuple(internal), gauss))
+        if states.get("cuda") and torch.cuda.is_available():
+            cuda = list(states["cuda"])[: torch.cuda.device_count()]
+            for i, s in enumerate(cuda):
+                torch.cuda.set_rng_state(s, i)
 
 
-def _plain_tuple(value):
-    if isinstance(value, tuple):
-        return [_plain_tuple(v) for v in value]
-    return value
-
-
-def _as_tuple(value):
-    if isinstance(value, list):
-        return tuple(_as_tuple(v) for v in value)
-    return value
-
-
-def set_rng_states(states: Mapping) -> None:
-    """Restore what :func:`get_rng_states` returned (CUDA states only where the devices exist)."""
-    if "torch" in states:
-        torch.set_rng_state(states["torch"].cpu())
-    if "numpy" in states:
-        s = states["numpy"]
-        keys = np.asarray(s["keys"].numpy() if isinstance(s["keys"], torch.Tensor) else s["keys"], dtype=np.uint32)
-        np.random.set_state((s["kind"], keys, int(s["pos"]), int(s["has_gauss"]), float(s["cached_gaussian"])))
-    if "python" in states:
-        random.setstate(_as_tuple(states["python"]))
-    if states.get("cuda") and torch.cuda.is_available():
-        cuda = list(states["cuda"])[: torch.cuda.device_count()]
-        for i, s in enumerate(cuda):
-            torch.cuda.set_rng_state(s, i)
+get_rng_states, set_rng_states = RNGStates().state_dict, RNGStates().load_state_dict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,9 +292,34 @@ def _is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
+class AtomicFileSaver(BaseSaveHandler):
+    """ignite save handler: every checkpoint to the one file ``path`` with :func:`~msf_monai.files.atomic_save`
+    (rank 0 only, tensors on the CPU; ``flatten``: the entry whose items go to the top level; ``saved``:
+    called after each write). :meth:`remove` deletes nothing: ignite removes the previous item *before*
+    it writes the next one, so a crash in between would leave no file; the atomic write replaces it."""
+
+    def __init__(self, path: str | os.PathLike, flatten: str | None = None, saved: Callable[[], Any] = lambda: None):
+        self.path, self.flatten, self.saved = Path(path), flatten, saved
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if not _is_rank_zero():
+            return
+        checkpoint = dict(checkpoint)
+        checkpoint.update(checkpoint.pop(self.flatten) if self.flatten else {})
+        atomic_save(detached_cpu_copy(checkpoint), self.path)
+        self.saved()
+
+    def remove(self, filename: str) -> None:
+        """Nothing: the next write replaces the file (see the class doc)."""
+
+
 class TrainingCheckpointer:
     """Latest full training state every ``interval`` epochs, best model on every improvement,
-    and resume on start.
+    and resume on start: two ignite ``Checkpoint`` handlers writing through :class:`AtomicFileSaver`.
+    The latest state holds ``network``, ``optimizer``, ``lr_scheduler``, ``rng`` (:class:`RNGStates`)
+    and this object's :meth:`state_dict`, all at the top level (:mod:`msf_monai.saved_state`); the
+    best model is a plain ``state_dict``, scored by the epoch of the validator's best metric (which
+    moves on exactly when the key metric improves, whichever way the metric compares).
 
     Attach to a MONAI ``SupervisedTrainer`` after its ``ValidationHandler`` (so that the
     validation of an epoch has run when the epoch's checkpoint is written). In multi-GPU
@@ -311,10 +335,10 @@ class TrainingCheckpointer:
             restart never replaces the best model.
         lr_scheduler: optional scheduler whose state is saved too.
         interval: epochs between two saves of the latest state (the last epoch is always saved).
-        resume: load ``path`` on start when it exists (``False``: start from scratch and remove it).
+        resume: load ``path`` on start when it exists (``False``: start from scratch and replace it).
         settings: plain values (data folder, image size, ...) stored with the state;
             :func:`check_resume` compares them before a resumed run.
-        map_location: where the loaded tensors go (default: the network's device).
+        map_location: kept for older callers; loaded tensors go to the network's and optimizer's devices.
     """
 
     def __init__(
@@ -341,15 +365,28 @@ class TrainingCheckpointer:
         self.settings = plain_settings(settings)
         self.map_location = map_location
         self.resumed_from: int | None = None
-        self._best_saved_epoch: int | None = None
+        self._engine: Engine | None = None
         self._last_saved_epoch: int | None = None
         self._previous_sigint = None
         self._stop_requested = False
+        self._objects = {"network": network, "optimizer": optimizer, "rng": RNGStates()}
+        if lr_scheduler is not None:
+            self._objects["lr_scheduler"] = lr_scheduler
+        # one item, replaced at every save (each saver writes its own file, whatever the item's name)
+        self._latest = Checkpoint({**self._objects, "run": self}, AtomicFileSaver(self.path, "run", self._log_saved),
+                                  filename_pattern="latest", n_saved=1, greater_or_equal=True)
+        self._best = None
+        if self.best_path is not None and validator is not None:
+            self._best = Checkpoint({"model": network}, AtomicFileSaver(self.best_path, saved=self._log_best),
+                                    filename_pattern="best", score_function=self._best_metric_epoch, n_saved=1)
 
     def attach(self, engine: Engine) -> None:
+        self._engine = engine
         engine.add_event_handler(Events.STARTED, self.started)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
+        if self._best is not None:  # before the latest state, which records the best metric
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._best)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=self._periodic), self._latest)
+        engine.add_event_handler(Events.COMPLETED, self._latest)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
         engine.add_event_handler(Events.COMPLETED, self._restore_sigint)
@@ -389,61 +426,64 @@ class TrainingCheckpointer:
         self._restore_sigint()
         exit_on_interrupt(engine, error, self._interrupted_message(engine))
 
-    # -- saving ----------------------------------------------------------------------------
-    def state(self, engine: Engine, finished: bool = False) -> dict:
-        """The full training state at the end of the engine's current epoch."""
-        val_state = getattr(self.validator, "state", None)
+    # -- the run's own entries of the saved state --------------------------------------------
+    def state_dict(self) -> dict:
+        """The run's entries of the saved state: format, ``finished`` (written on ``COMPLETED``, with
+        ``output_sha1``: the model this finished run vouches for, see :func:`require_finished_run`),
+        epoch, iteration, the best validation metric and the settings."""
+        engine, val_state = self._engine, getattr(self.validator, "state", None)
+        finished = engine.last_event_name == Events.COMPLETED
         return {
             "format": RESUME_FORMAT,
             "version": RESUME_VERSION,
-            "finished": bool(finished),
+            "finished": finished,
             "epoch": int(engine.state.epoch),
             "iteration": int(engine.state.iteration),
             "max_epochs": None if engine.state.max_epochs is None else int(engine.state.max_epochs),
-            "network": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "best_metric": None if val_state is None else float(getattr(val_state, "best_metric", -1)),
             "best_metric_epoch": None if val_state is None else int(getattr(val_state, "best_metric_epoch", -1)),
-            "best_saved_epoch": self._best_saved_epoch,
-            "rng": get_rng_states(),
             "settings": dict(self.settings),
-            # the model this finished run vouches for (see require_finished_run)
             "output_sha1": file_digest(self.best_path) if finished and self.best_path is not None
             and self.best_path.is_file() else None,
         }
 
-    def save(self, engine: Engine, finished: bool = False) -> None:
-        if not _is_rank_zero():
-            return
-        atomic_save(self.state(engine, finished), self.path)
-        self._last_saved_epoch = int(engine.state.epoch)
-        logger.info("epoch %d: saved the training state to %s%s", engine.state.epoch, self.path,
-                    " (finished)" if finished else "")
+    def load_state_dict(self, state: Mapping) -> None:
+        """Put the saved epoch, iteration and best validation metric back into the engine and the
+        validator (so a worse metric after the restart never replaces the best model)."""
+        engine, epoch = self._engine, int(state["epoch"])
+        if engine.state.max_epochs is not None and epoch > engine.state.max_epochs:
+            raise ResumeError(f"the saved training state {self.path} is at epoch {epoch}, beyond max_epochs {engine.state.max_epochs}")
+        engine.state.epoch, engine.state.iteration = epoch, int(state["iteration"])
+        if self.validator is not None and state.get("best_metric") is not None:
+            self.validator.state.best_metric = float(state["best_metric"])
+            self.validator.state.best_metric_epoch = int(state["best_metric_epoch"])
 
-    def _save_best(self, engine: Engine) -> None:
-        state = getattr(self.validator, "state", None)
-        if self.best_path is None or state is None or not _is_rank_zero():
-            return
-        epoch = int(getattr(state, "best_metric_epoch", -1))
-        if epoch != engine.state.epoch or epoch == self._best_saved_epoch:
-            return
-        atomic_save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, self.best_path)
-        self._best_saved_epoch = epoch
+    # -- saving ----------------------------------------------------------------------------
+    def _periodic(self, engine: Engine, epoch: int) -> bool:
+        """Every ``interval`` epochs but the last (its state is written on ``COMPLETED``, finished)."""
+        return epoch % self.interval == 0 and (engine.state.max_epochs is None or epoch < engine.state.max_epochs)
+
+    def _best_metric_epoch(self, engine: Engine | None = None) -> int:
+        """The best model's score: the epoch of the validator's best key metric."""
+        return int(getattr(self.validator.state, "best_metric_epoch", -1))
+
+    def _log_best(self) -> None:
+        state = self.validator.state
         name = getattr(state, "key_metric_name", None) or "key metric"
-        logger.info("epoch %d: new best %s %.4f, saved the model to %s", epoch, name, state.best_metric, self.best_path)
+        logger.info("epoch %d: new best %s %.4f, saved the model to %s", self._best_metric_epoch(), name,
+                    state.best_metric, self.best_path)
 
-    def epoch_completed(self, engine: Engine) -> None:
-        self._save_best(engine)
-        last = engine.state.max_epochs is not None and engine.state.epoch >= engine.state.max_epochs
-        if engine.state.epoch % self.interval == 0 and not last:  # the last one: completed()
-            self.save(engine)
-
-    def completed(self, engine: Engine) -> None:
-        self.save(engine, finished=True)
+    def _log_saved(self) -> None:
+        epoch, event = int(self._engine.state.epoch), self._engine.last_event_name
+        if event == Events.STARTED:
+            logger.info("epoch %d: marked the training state %s as unfinished until this run completes", epoch, self.path)
+        else:
+            self._last_saved_epoch = epoch
+            logger.info("epoch %d: saved the training state to %s%s", epoch, self.path, " (finished)" if event == Events.COMPLETED else "")
 
     # -- resuming --------------------------------------------------------------------------
     def started(self, engine: Engine) -> None:
+        self._engine = engine
         self._install_sigint()
         if _is_rank_zero():
             remove_stale_temporaries(self.path)
@@ -458,9 +498,23 @@ class TrainingCheckpointer:
         elif not self.path.is_file():
             logger.info("no saved training state at %s: training from scratch", self.path)
         else:
+            # the network, optimizer, scheduler, engine, validator and random generators, as saved
             state = load_resume_state(self.path, map_location="cpu")
-            self.load(engine, state)
+            to_load = {"run": self, **self._objects}
+            if state.get("lr_scheduler") is None:
+                to_load.pop("lr_scheduler", None)
+            Checkpoint.load_objects(to_load, {**state, "run": state})
+            epoch = self.resumed_from = self._last_saved_epoch = int(state["epoch"])
+            best = ""
+            if state.get("best_metric_epoch") is not None and int(state["best_metric_epoch"]) > 0:
+                best = f", best validation metric {float(state['best_metric']):.4f} at epoch {int(state['best_metric_epoch'])}"
+            logger.info("Resuming from %s at epoch %d of %s%s", self.path, epoch, engine.state.max_epochs, best)
             mark = bool(state.get("finished"))  # an unfinished state already says so
+        # ignite's record of this run's items: the latest state is replaced at every save, the
+        # best model once the validator's best epoch moves past the (restored) one
+        self._latest.reset()
+        if self._best is not None:
+            self._best.load_state_dict({"_saved": [(self._best_metric_epoch(), "best")]})
         # from now on the state next to the model says "unfinished" until this run completes:
         # a run killed before its first checkpoint (or a --resume false run replacing a finished
         # one) never leaves the previous run's "finished" next to a model it may have replaced
@@ -468,34 +522,5 @@ class TrainingCheckpointer:
         if dist.is_available() and dist.is_initialized():
             # every rank has read the saved state (or seen none) before rank 0 replaces it
             dist.barrier()
-        if mark and _is_rank_zero():
-            atomic_save(self.state(engine, finished=False), self.path)
-            logger.info("epoch %d: marked the training state %s as unfinished until this run completes",
-                        engine.state.epoch, self.path)
-
-    def load(self, engine: Engine, state: Mapping) -> None:
-        """Put ``state`` (see :meth:`state`) back into the network, optimizer, engine, validator
-        and random number generators."""
-        device = self.map_location
-        if device is None:
-            device = next(self.network.parameters()).device
-        self.network.load_state_dict({k: v.to(device) for k, v in state["network"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])  # moves the moments to the params' device
-        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        epoch = int(state["epoch"])
-        if engine.state.max_epochs is not None and epoch > engine.state.max_epochs:
-            raise ResumeError(f"the saved training state {self.path} is at epoch {epoch}, beyond max_epochs {engine.state.max_epochs}")
-        engine.state.epoch = epoch
-        engine.state.iteration = int(state["iteration"])
-        if self.validator is not None and state.get("best_metric") is not None:
-            self.validator.state.best_metric = float(state["best_metric"])
-            self.validator.state.best_metric_epoch = int(state["best_metric_epoch"])
-        self._best_saved_epoch = state.get("best_saved_epoch")
-        self._last_saved_epoch = epoch
-        set_rng_states(state["rng"])
-        self.resumed_from = epoch
-        best = ""
-        if state.get("best_metric_epoch") is not None and int(state["best_metric_epoch"]) > 0:
-            best = f", best validation metric {float(state['best_metric']):.4f} at epoch {int(state['best_metric_epoch'])}"
-        logger.info("Resuming from %s at epoch %d of %s%s", self.path, epoch, engine.state.max_epochs, best)
+        if mark:
+            self._latest(engine)
