@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from ignite.metrics import Metric
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import LrScheduleHandler, ValidationHandler
@@ -16,7 +20,8 @@ from bundle_utils import locking_process
 from msf_monai.bundle import CheckpointLockedError, UnfinishedPhaseError
 from msf_monai.files import atomic_save, file_digest
 from msf_monai.networks import DualDecoderNet
-from msf_monai.resume import PhaseFinishedError, ResumeError, TrainingCheckpointer, check_resume, require_finished_run
+from msf_monai.resume import (AtomicFileSaver, PhaseFinishedError, ResumeError, TrainingCheckpointer, check_resume,
+                               load_resume_state, require_finished_run)
 from training_utils import tiny_loader
 
 
@@ -214,3 +219,109 @@ def test_a_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, stop_af
     assert require_finished_run(stopped / "model.pt") == str(stopped / "model.pt")
     del final["output_sha1"], final2["output_sha1"]  # each the digest of its own model file
     assert _equal(final, final2)  # network, optimizer, scheduler, random generators, epoch, best metric, settings
+
+
+def test_a_state_saved_before_the_ignite_checkpointer_resumes(tmp_path, caplog):
+    """A state file of the previous TrainingCheckpointer (its own flat dict, with ``best_saved_epoch``
+    and ``lr_scheduler: None``) resumes: network, optimizer moments, epoch and iteration, best
+    metric and every random generator come back, the unfinished file is not rewritten at the
+    start, and the run ends with a finished state in the same format."""
+    torch.manual_seed(5)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    net(torch.rand(4, 3)).sum().backward()
+    opt.step()  # moments to restore
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    old = {"format": "msf_monai.resume", "version": 1, "finished": False, "epoch": 2, "iteration": 6, "max_epochs": 4,
+           "network": {k: v.detach().clone() for k, v in net.state_dict().items()}, "optimizer": copy.deepcopy(opt.state_dict()),
+           "lr_scheduler": None, "best_metric": 0.9, "best_metric_epoch": 2, "best_saved_epoch": 2,
+           "rng": {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
+                   "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                             "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}},
+           "settings": {"seed": 0}, "output_sha1": None}
+    draws = (torch.rand(3), np.random.rand(3), random.random())  # what the restored generators give next
+    path = tmp_path / "model_resume.pt"
+    torch.save(old, path)
+    saved = path.read_bytes()
+    assert check_resume(path, max_epochs=4, settings={"seed": 0})["epoch"] == 2
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    net2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.Adam(net2.parameters(), 1e-2)
+    validator = Engine(lambda e, b: None)
+    validator.state.best_metric, validator.state.best_metric_epoch = -1, -1
+    checkpointer = TrainingCheckpointer(net2, opt2, path, best_path=tmp_path / "model.pt", validator=validator, settings={"seed": 0})
+    engine = Engine(lambda e, b: None)
+    checkpointer.attach(engine)
+    seen = {}
+
+    @engine.on(Events.EPOCH_STARTED(once=3))
+    def _look(e):
+        seen.update(epoch=e.state.epoch, iteration=e.state.iteration, file=path.read_bytes(), network=copy.deepcopy(net2.state_dict()),
+                    optimizer=copy.deepcopy(opt2.state_dict()), draws=(torch.rand(3), np.random.rand(3), random.random()))
+
+    with caplog.at_level(logging.INFO, logger="msf_monai.resume"):
+        engine.run([0, 1, 2], max_epochs=4)
+    assert f"Resuming from {path} at epoch 2 of 4, best validation metric 0.9000 at epoch 2" in caplog.text
+    assert (seen["epoch"], seen["iteration"]) == (3, 6)  # epoch 3 is the first one run again
+    assert seen["file"] == saved  # an unfinished state is not marked again
+    assert _equal(seen["network"], old["network"]) and _equal(seen["optimizer"], old["optimizer"])
+    assert torch.equal(seen["draws"][0], draws[0]) and np.array_equal(seen["draws"][1], draws[1]) and seen["draws"][2] == draws[2]
+    assert (validator.state.best_metric, validator.state.best_metric_epoch) == (0.9, 2)
+    final = load_resume_state(path)
+    assert final["finished"] and (final["epoch"], final["iteration"], final["max_epochs"]) == (4, 12, 4)
+    assert (final["best_metric"], final["best_metric_epoch"], final["settings"]) == (0.9, 2, {"seed": 0})
+    assert set(old) - set(final) == {"best_saved_epoch", "lr_scheduler"}  # no scheduler here: no entry
+    assert not set(final) - set(old)
+
+
+def test_the_save_handler_never_leaves_no_file(tmp_path, monkeypatch):
+    """ignite removes a checkpoint's previous item *before* it writes the next one: a write that
+    fails there (a full disk, a kill) must leave the previous file whole, never none -- for a
+    bare ``Checkpoint`` and for the training state of a run."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    first = {k: v.clone() for k, v in net.state_dict().items()}
+    path = tmp_path / "model.pt"
+    saver = AtomicFileSaver(path)
+    removed = []
+    remove = saver.remove
+    saver.remove = lambda name: (removed.append(name), remove(name))
+    checkpoint = Checkpoint({"model": net}, saver, filename_pattern="model", n_saved=1)
+    engine = Engine(lambda e, b: None)
+    engine.state.iteration = 1
+    checkpoint(engine)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+
+    def disk_full(obj, fh, *args, **kwargs):
+        fh.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    engine.state.iteration = 2
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            checkpoint(engine)
+    assert removed == ["model"]  # ignite did drop the old item before this write
+    assert _equal(torch.load(path, weights_only=True), first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary file either
+
+    # the same in a run: the save of epoch 2 fails, the state of epoch 1 is still there and resumes
+    run = tmp_path / "run"
+    checkpointer = _checkpointer(run)
+
+    def fail_from_now(_):
+        monkeypatch.setattr(torch, "save", disk_full)
+
+    engine = Engine(lambda e, b: None)
+    checkpointer.attach(engine)
+    engine.add_event_handler(Events.EPOCH_STARTED(once=2), fail_from_now)
+    with pytest.raises(OSError, match="No space"):
+        engine.run([0], max_epochs=3)
+    monkeypatch.undo()
+    state = load_resume_state(run / "phase1_model_resume.pt")
+    assert state["epoch"] == 1 and not state["finished"]
+    assert check_resume(run / "phase1_model_resume.pt", max_epochs=3)["epoch"] == 1
