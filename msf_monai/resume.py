@@ -26,7 +26,8 @@ the run that wrote it finished. Concurrent runs on one checkpoint are prevented 
 :mod:`msf_monai.locks`.
 
 Resume files hold tensors and plain Python values only, so ``torch.load(weights_only=True)``
-reads them.
+reads them; every entry sits at the file's top level (:mod:`msf_monai.saved_state`, version 1),
+as before the handler was built on ignite, so states of older runs still resume.
 """
 
 from __future__ import annotations
@@ -366,6 +367,7 @@ class TrainingCheckpointer:
         self.map_location = map_location
         self.resumed_from: int | None = None
         self._engine: Engine | None = None
+        self._why = ""  # of the save under way: "", "finished" or "mark"
         self._last_saved_epoch: int | None = None
         self._previous_sigint = None
         self._stop_requested = False
@@ -385,8 +387,8 @@ class TrainingCheckpointer:
         engine.add_event_handler(Events.STARTED, self.started)
         if self._best is not None:  # before the latest state, which records the best metric
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._best)
-        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=self._periodic), self._latest)
-        engine.add_event_handler(Events.COMPLETED, self._latest)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=self._periodic), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save, "finished")
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop_if_asked)
         engine.add_event_handler(Events.COMPLETED, self._restore_sigint)
@@ -428,11 +430,11 @@ class TrainingCheckpointer:
 
     # -- the run's own entries of the saved state --------------------------------------------
     def state_dict(self) -> dict:
-        """The run's entries of the saved state: format, ``finished`` (written on ``COMPLETED``, with
-        ``output_sha1``: the model this finished run vouches for, see :func:`require_finished_run`),
-        epoch, iteration, the best validation metric and the settings."""
+        """The run's entries of the saved state: format, ``finished`` (with ``output_sha1``: the
+        model this finished run vouches for, see :func:`require_finished_run`), epoch, iteration,
+        the best validation metric and the settings."""
         engine, val_state = self._engine, getattr(self.validator, "state", None)
-        finished = engine.last_event_name == Events.COMPLETED
+        finished = self._why == "finished"
         return {
             "format": RESUME_FORMAT,
             "version": RESUME_VERSION,
@@ -474,16 +476,21 @@ class TrainingCheckpointer:
                     state.best_metric, self.best_path)
 
     def _log_saved(self) -> None:
-        epoch, event = int(self._engine.state.epoch), self._engine.last_event_name
-        if event == Events.STARTED:
+        epoch = int(self._engine.state.epoch)
+        if self._why == "mark":
             logger.info("epoch %d: marked the training state %s as unfinished until this run completes", epoch, self.path)
         else:
             self._last_saved_epoch = epoch
-            logger.info("epoch %d: saved the training state to %s%s", epoch, self.path, " (finished)" if event == Events.COMPLETED else "")
+            logger.info("epoch %d: saved the training state to %s%s", epoch, self.path, " (finished)" if self._why else "")
+
+    def save(self, engine: Engine, why: str = "") -> None:
+        """Write the latest training state; ``why``: ``"finished"`` (the run completed) or
+        ``"mark"`` (the unfinished mark at its start)."""
+        self._why = why
+        self._latest(engine)
 
     # -- resuming --------------------------------------------------------------------------
     def started(self, engine: Engine) -> None:
-        self._engine = engine
         self._install_sigint()
         if _is_rank_zero():
             remove_stale_temporaries(self.path)
@@ -523,4 +530,4 @@ class TrainingCheckpointer:
             # every rank has read the saved state (or seen none) before rank 0 replaces it
             dist.barrier()
         if mark:
-            self._latest(engine)
+            self.save(engine, "mark")
