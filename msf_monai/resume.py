@@ -339,7 +339,6 @@ class TrainingCheckpointer:
         resume: load ``path`` on start when it exists (``False``: start from scratch and replace it).
         settings: plain values (data folder, image size, ...) stored with the state;
             :func:`check_resume` compares them before a resumed run.
-        map_location: kept for older callers; loaded tensors go to the network's and optimizer's devices.
     """
 
     def __init__(
@@ -353,7 +352,6 @@ class TrainingCheckpointer:
         interval: int = 1,
         resume: bool = True,
         settings: Mapping | None = None,
-        map_location: Any = None,
     ):
         if int(interval) < 1:
             raise ValueError(f"checkpoint_interval must be >= 1 epoch, got {interval}")
@@ -364,7 +362,6 @@ class TrainingCheckpointer:
         self.interval = int(interval)
         self.resume = _as_bool(resume)
         self.settings = plain_settings(settings)
-        self.map_location = map_location
         self.resumed_from: int | None = None
         self._engine: Engine | None = None
         self._why = ""  # of the save under way: "", "finished" or "mark"
