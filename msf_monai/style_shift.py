@@ -220,8 +220,9 @@ def calibrate_style_shift(
     return result
 
 
-def readable_scale(score: float, calibration: Mapping) -> tuple[float, float]:
-    """Two readable forms of a case score, from the source validation cases of ``calibration``:
+def readable_scale(score: float, calibration: Mapping, threshold: float | None = None) -> tuple[float, float]:
+    """Two readable forms of a case score, from the source validation cases of ``calibration``
+    (``threshold``: the flag threshold as the caller compares it, default the calibration's):
 
     * ``percentile``: the share (%) of those cases scoring at most ``score`` (100 = beyond all);
     * ``shift_level``: ``log10(1 + max(0, score - median) / (threshold - median))``, i.e. 0 at or
@@ -231,7 +232,8 @@ def readable_scale(score: float, calibration: Mapping) -> tuple[float, float]:
     val = np.array([float(c["score"]) for c in calibration.get("cases", [])], dtype=float)
     if val.size == 0:
         return float("nan"), float("nan")
-    median, threshold = float(np.median(val)), float(calibration["threshold"])
+    median = float(np.median(val))
+    threshold = float(calibration["threshold"] if threshold is None else threshold)
     spread = threshold - median
     if not spread > 0:  # a degenerate calibration (all cases alike): the spread of their scores
         spread = float(val.std()) or 1.0
@@ -343,10 +345,11 @@ class StyleShiftWriter:
         for item in items:
             score, n = self.scorer.case_score(item["image"])
             case = str(item.get("case", "")) or _source_name(item)
-            percentile, level = readable_scale(score, self.calibration)
-            # the flag compares the values as written, so the CSV agrees with itself: a source case
-            # that scores its own calibration threshold (up to float noise) is not above it
+            # the flag and the level use the values as written, so the CSV agrees with itself: a
+            # source case that scores its own calibration threshold (up to float noise) is not
+            # above it, and its level is not above log10(2) either
             shown_score, shown_threshold = float(f"{score:.6g}"), float(f"{threshold:.6g}")
+            percentile, level = readable_scale(shown_score, self.calibration, shown_threshold)
             row = {"case": case, "site": str(item.get("site", "")), "image": _source_name(item, full=True),
                    "score": shown_score, "threshold": shown_threshold, "flag": int(shown_score > shown_threshold),
                    "percentile": round(percentile, 1), "shift_level": round(level, 2), "n_images": n}

@@ -221,6 +221,35 @@ def test_the_flag_agrees_with_the_written_score_and_threshold(tmp_path):
     assert all(r["flag"] == int(r["score"] > r["threshold"]) for r in writer.rows)
 
 
+def test_the_level_agrees_with_the_flag_on_a_tight_calibration(tmp_path):
+    """Scores that differ only past the written digits (a tiny demo run: three source cases at
+    168.010-168.013): a case above the calibration threshold by less than the rounding is not
+    flagged, and its level must not pass log10(2) (the flag's crossing) either."""
+    cases = [168.01046752929688, 168.0133514404297, 168.0100555419922]
+    writer = StyleShiftWriter(tmp_path / "p.pt", tmp_path / "f.pt", tmp_path / "c.json", tmp_path / "out.csv")
+    writer.calibration = {"threshold": 168.0130630493164, "n_cases": 3, "cases": [{"score": c} for c in cases]}
+
+    class _Scorer:
+        def __init__(self):
+            self.scores = iter([cases[1], 168.02, 168.0])
+
+        def case_score(self, image):
+            return next(self.scores), 4
+
+    class _State:
+        batch = [{"image": torch.zeros(1, 8, 8, 4), "case": c, "site": "A"} for c in ("Case10", "above", "below")]
+
+    class _Engine:
+        state = _State()
+
+    writer.scorer = _Scorer()
+    writer._score(_Engine())
+    rows = {r["case"]: r for r in writer.rows}
+    assert {c: r["flag"] for c, r in rows.items()} == {"Case10": 0, "above": 1, "below": 0}
+    for r in writer.rows:
+        assert r["flag"] == int(r["shift_level"] > np.log10(2.0)), r
+
+
 def test_style_shift_readable_scale_against_a_direct_computation():
     from msf_monai.style_shift import readable_scale
 
