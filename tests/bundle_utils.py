@@ -16,6 +16,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TINY = ("--image_size", "32", "--batch_size", "8", "--val_interval", "1")  # training settings for a tiny data set
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def copy_bundle(name: str, dest: Path) -> Path:
     """Copy ``bundles/<name>`` (configs and docs only: no models, outputs or demo data) to
     ``dest/bundles/<name>``."""

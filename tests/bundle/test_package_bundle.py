@@ -5,7 +5,6 @@ and evaluates the recorded split."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import zipfile
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_utils import REPO, check, copy_bundle
+from bundle_utils import check, copy_bundle, load_script
 from msf_monai.tasks.prostate import generate_demo_prostate, image_files
 from msf_monai.data import split_by_patient
 from msf_monai.flows import StyleFlowBank
@@ -30,10 +29,7 @@ SIZE = 32
 
 
 def _package_module():
-    spec = importlib.util.spec_from_file_location("package_bundle", REPO / "scripts" / "package_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("package_bundle")
 
 
 def _tiny_trained_models(models, source_items):

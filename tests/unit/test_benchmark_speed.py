@@ -1,19 +1,14 @@
 """scripts/benchmark_speed.py runs end to end with tiny settings and reports every figure
 (the speed targets themselves are checked by reading its output, not by a timed test)."""
 
-import importlib.util
 import json
 
 import pytest
-from bundle_utils import REPO
+from bundle_utils import load_script
 
 
-@pytest.mark.slow
 def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_speed", REPO / "scripts" / "benchmark_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_speed")
 
 
 @pytest.mark.slow

@@ -1,18 +1,14 @@
 """The bundles' configs: generated from bundles/_templates and current, valid metadata, and what their parsed parts do."""
 
 import pytest
-import importlib.util
 
 import torch
 
-from bundle_utils import REPO, copy_bundle
+from bundle_utils import REPO, copy_bundle, load_script
 
 
 def _build_configs():
-    spec = importlib.util.spec_from_file_location("build_configs", REPO / "scripts" / "build_configs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("build_configs")
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_utils import REPO, copy_bundle
+from bundle_utils import REPO, copy_bundle, load_script
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet, image_decoder_channels
 
@@ -100,10 +99,7 @@ def test_the_table_gives_each_sites_style_shift_flags(tmp_path):
 # scripts/package_bundle.py
 # ---------------------------------------------------------------------------------------------
 def _package_module():
-    spec = importlib.util.spec_from_file_location("package_bundle", REPO / "scripts" / "package_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("package_bundle")
 
 
 def test_packaging_an_untrained_bundle_fails_clearly(tmp_path):
