@@ -22,11 +22,12 @@ from nflows.flows import Flow
 from nflows.transforms import ActNorm, CompositeTransform
 from torch import nn
 
+from .saved_state import detached_cpu_copy
+
 __all__ = [
     "FlowFitError",
     "as_statistics",
     "check_fit_settings",
-    "detached_cpu_copy",
     "fit_flow",
     "flow_parameter",
     "initialise_actnorms",
@@ -259,17 +260,6 @@ def fit_flow(
     if on_checkpoint is not None:
         on_checkpoint(fit_state(int(epochs), finished=True))
     return history
-
-
-def detached_cpu_copy(value: Any) -> Any:
-    """A detached CPU copy of nested dicts/lists of tensors (an optimiser state)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, Mapping):
-        return {k: detached_cpu_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(detached_cpu_copy(v) for v in value)
-    return value
 
 
 def statistics_summary(values: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -30,8 +30,9 @@ from nflows.transforms import ActNorm, CompositeTransform
 from torch import nn
 from torch.nn import functional as F
 
-from .flow_fit import FlowFitError, check_fit_settings, detached_cpu_copy, initialise_actnorms
+from .flow_fit import FlowFitError, check_fit_settings, initialise_actnorms
 from .flow_model import ClampedAffineCoupling, CouplingMLP
+from .saved_state import detached_cpu_copy
 
 __all__ = ["FlowStack", "fit_flows_jointly"]
 

@@ -50,9 +50,8 @@ from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from .cli import as_bool
 from .errors import CheckpointLockedError, MissingPhaseOutputError, UnfinishedPhaseError
 from .files import atomic_save, file_digest, remove_stale_temporaries
-from .flow_fit import detached_cpu_copy
 from .locks import describe_holder, lock_holder, lock_path
-from .saved_state import RESUME_FORMAT, RESUME_VERSION, ResumeError, load_resume_state, plain_settings, setting_differences
+from .saved_state import RESUME_FORMAT, RESUME_VERSION, ResumeError, detached_cpu_copy, load_resume_state, plain_settings, setting_differences
 from .training_record import write_training_record
 
 __all__ = [
@@ -63,11 +62,9 @@ __all__ = [
     "ResumeError",
     "TrainingCheckpointer",
     "check_resume",
-    "get_rng_states",
     "load_resume_state",
     "plain_settings",
     "require_finished_run",
-    "set_rng_states",
     "setting_differences",
     "state_path_of",
 ]
@@ -148,9 +145,6 @@ class RNGStates:
             cuda = list(states["cuda"])[: torch.cuda.device_count()]
             for i, s in enumerate(cuda):
                 torch.cuda.set_rng_state(s, i)
-
-
-get_rng_states, set_rng_states = RNGStates().state_dict, RNGStates().load_state_dict
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,15 @@ import torch
 
 from .errors import MsfError
 
-__all__ = ["RESUME_FORMAT", "RESUME_VERSION", "ResumeError", "load_resume_state", "plain_settings", "setting_differences"]
+__all__ = [
+    "RESUME_FORMAT",
+    "RESUME_VERSION",
+    "ResumeError",
+    "detached_cpu_copy",
+    "load_resume_state",
+    "plain_settings",
+    "setting_differences",
+]
 
 RESUME_FORMAT = "msf_monai.resume"
 RESUME_VERSION = 1
@@ -67,3 +75,14 @@ def setting_differences(saved: Mapping, current: Mapping) -> list[str]:
     """One ``"key: saved ..., now ..."`` line per setting that differs."""
     return [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}"
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
+def detached_cpu_copy(value: Any) -> Any:
+    """A detached CPU copy of nested dicts/lists of tensors (an optimiser state)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, Mapping):
+        return {k: detached_cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(detached_cpu_copy(v) for v in value)
+    return value
