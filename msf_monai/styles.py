@@ -340,7 +340,22 @@ class MixStyleFlow(StyleLayer):
 # ----------------------------------------------------------------------------------------------
 
 
-class MixStyle(StyleLayer):
+class _BetaStyleLayer(StyleLayer):
+    """A style layer with one ``Beta(alpha, alpha)`` weight per image (MixStyle, TriD, EFDMix)."""
+
+    def __init__(self, p: float = 0.5, alpha: float = 0.1, eps: float = 1e-6):
+        super().__init__(p=p, eps=eps)
+        self.alpha = _check_positive(alpha, "alpha")
+
+    def _beta(self, like: torch.Tensor, dims: int) -> torch.Tensor:
+        """``[B, 1, ...]`` (``dims`` dimensions) Beta weights with ``like``'s batch size, device and dtype."""
+        return _bcast(_sample_beta(self.alpha, like.shape[0]).to(device=like.device, dtype=like.dtype), dims)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, alpha={self.alpha}, eps={self.eps}"
+
+
+class MixStyle(_BetaStyleLayer):
     """MixStyle: mix feature statistics between random pairs of images in the batch.
 
     Formula (Zhou et al., "Domain generalization with MixStyle", ICLR 2021):
@@ -350,21 +365,13 @@ class MixStyle(StyleLayer):
     Defaults (paper): ``p=0.5``, ``alpha=0.1``, ``eps=1e-6``.
     """
 
-    def __init__(self, p: float = 0.5, alpha: float = 0.1, eps: float = 1e-6):
-        super().__init__(p=p, eps=eps)
-        self.alpha = _check_positive(alpha, "alpha")
-
     def stylize(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
         mu, sigma = channel_stats(x.detach(), self.eps)
-        lam = _bcast(_sample_beta(self.alpha, b).to(device=x.device, dtype=mu.dtype), x.dim())
-        perm = _random_perm(b).to(x.device)
+        lam = self._beta(mu, x.dim())
+        perm = _random_perm(x.shape[0]).to(x.device)
         mu_mix = lam * mu + (1.0 - lam) * mu[perm]
         sigma_mix = lam * sigma + (1.0 - lam) * sigma[perm]
         return _restyle(x, mu, sigma, mu_mix, sigma_mix)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, alpha={self.alpha}, eps={self.eps}"
 
 
 class DSU(StyleLayer):
@@ -387,7 +394,7 @@ class DSU(StyleLayer):
         return _restyle(x, mu, sigma, mu_new, sigma_new)
 
 
-class TriD(StyleLayer):
+class TriD(_BetaStyleLayer):
     """TriD: replace a random subset of channel statistics by uniformly random ones.
 
     Formula (Chen et al., "Treasure in distribution: a domain randomization based multi-source
@@ -398,26 +405,18 @@ class TriD(StyleLayer):
     Defaults (paper code): ``p=0.5``, ``alpha=0.1``, ``eps=1e-6``.
     """
 
-    def __init__(self, p: float = 0.5, alpha: float = 0.1, eps: float = 1e-6):
-        super().__init__(p=p, eps=eps)
-        self.alpha = _check_positive(alpha, "alpha")
-
     def stylize(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
         mu, sigma = channel_stats(x.detach(), self.eps)
         mu_r = torch.rand_like(mu)
         sigma_r = torch.rand_like(sigma)
-        q = _bcast(_sample_beta(self.alpha, b).to(device=x.device, dtype=mu.dtype), x.dim())
+        q = self._beta(mu, x.dim())
         mask = torch.bernoulli(q.expand_as(mu))
         mu_new = mask * mu_r + (1.0 - mask) * mu
         sigma_new = mask * sigma_r + (1.0 - mask) * sigma
         return _restyle(x, mu, sigma, mu_new, sigma_new)
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}, alpha={self.alpha}, eps={self.eps}"
 
-
-class EFDMix(StyleLayer):
+class EFDMix(_BetaStyleLayer):
     """EFDMix: exact feature distribution mixing by matching sorted feature values.
 
     Formula (Zhang et al., "Exact feature distribution matching for arbitrary style transfer and
@@ -428,10 +427,6 @@ class EFDMix(StyleLayer):
     Defaults (paper): ``p=0.5``, ``alpha=0.1``. ``eps`` is unused (kept for a uniform interface).
     """
 
-    def __init__(self, p: float = 0.5, alpha: float = 0.1, eps: float = 1e-6):
-        super().__init__(p=p, eps=eps)
-        self.alpha = _check_positive(alpha, "alpha")
-
     def stylize(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
         flat = x.reshape(b, c, -1)
@@ -439,7 +434,7 @@ class EFDMix(StyleLayer):
         inverse = index.argsort(dim=-1)
         perm = _random_perm(b).to(x.device)
         copy = values[perm].gather(-1, inverse)
-        lam = _bcast(_sample_beta(self.alpha, b).to(device=x.device, dtype=x.dtype), 3)
+        lam = self._beta(x, 3)
         out = flat + (copy - flat.detach()) * (1.0 - lam)
         return out.reshape(x.shape)
 

@@ -11,7 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["DEMO_INFO_FILE", "demo_info", "demo_is_current", "install_generated", "write_demo_info", "listed_files_exist", "absolute_items"]
+__all__ = ["DEMO_INFO_FILE", "demo_info", "demo_is_current", "demo_summary", "install_demo", "install_generated", "write_demo_info",
+           "listed_files_exist", "absolute_items"]
 
 #: the description file a generated demo folder is complete with (written last)
 DEMO_INFO_FILE = "demo_info.json"
@@ -66,6 +67,27 @@ def install_generated(
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("%s ready in %s", what, root)
     return root
+
+
+def install_demo(root, generator: str, version: str, params, generate: Callable[[Path], object], what: str) -> Path:
+    """:func:`install_generated` for a generated demo folder described by its ``demo_info.json``:
+    up to date when that file names this ``generator``, ``version`` and ``params`` and every file
+    it lists exists (:func:`demo_is_current`); a folder with a readable ``demo_info.json`` is a
+    demo that may be regenerated, any other non-empty folder is never touched."""
+    return install_generated(
+        Path(root).expanduser().absolute(),
+        is_current=lambda path: demo_is_current(path, generator, version, params),
+        is_ours=lambda path: demo_info(path) is not None,
+        generate=generate,
+        what=what,
+    )
+
+
+def demo_summary(root, info: dict, seconds: float | None = None, **fields) -> dict:
+    """What a demo generator returns: ``root``, the task's ``fields`` (sites, source, counts),
+    the items with absolute paths, the generator ``version`` and the generation time."""
+    return {"root": str(root), **fields, "items": absolute_items(Path(root), info), "version": info["version"],
+            "seconds": seconds}
 
 
 def write_demo_info(root: Path, info: dict, filename: str) -> None:

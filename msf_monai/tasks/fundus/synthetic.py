@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ...data.demo_install import DEMO_INFO_FILE, absolute_items, demo_info, demo_is_current, install_generated, write_demo_info
+from ...data.demo_install import DEMO_INFO_FILE, demo_summary, install_demo, write_demo_info
 
 __all__ = [
     "DEMO_FUNDUS_SOURCE_DOMAIN",
@@ -550,13 +550,9 @@ def generate_demo_fundus(root, seed: int = 0, images_per_domain=None, size: int 
 
 
 def _summary(root: Path, info: Mapping, seconds: float | None = None) -> dict:
-    root = Path(root)
-    items = absolute_items(root, info)
     params = info["params"]
-    return {"root": str(root), "domains": list(params["domains"]),
-            "source_domain": params["source_domain"],
-            "images_per_domain": {k: dict(v) for k, v in params["images_per_domain"].items()},
-            "items": items, "version": info["version"], "seconds": seconds}
+    return demo_summary(root, info, seconds, domains=list(params["domains"]), source_domain=params["source_domain"],
+                        images_per_domain={k: dict(v) for k, v in params["images_per_domain"].items()})
 
 
 def ensure_demo_fundus(root, seed: int = 0, **kwargs) -> Path:
@@ -572,13 +568,7 @@ def ensure_demo_fundus(root, seed: int = 0, **kwargs) -> Path:
     unknown = set(kwargs) - {"images_per_domain", "size", "domains"}
     if unknown:
         raise TypeError(f"unexpected arguments: {sorted(unknown)}")
-    root = Path(root).expanduser().absolute()
     params = _params(seed, kwargs.get("images_per_domain"), kwargs.get("size", DEFAULT_SIZE),
                      kwargs.get("domains"))
-    return install_generated(
-        root,
-        is_current=lambda path: demo_is_current(path, _GENERATOR, FUNDUS_GENERATOR_VERSION, params),
-        is_ours=lambda path: demo_info(path) is not None,
-        generate=lambda path: generate_demo_fundus(path, seed=seed, **kwargs),
-        what="synthetic fundus demo",
-    )
+    return install_demo(root, _GENERATOR, FUNDUS_GENERATOR_VERSION, params,
+                        lambda path: generate_demo_fundus(path, seed=seed, **kwargs), "synthetic fundus demo")

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ...data.demo_install import DEMO_INFO_FILE, absolute_items, demo_info, demo_is_current, install_generated, write_demo_info
+from ...data.demo_install import DEMO_INFO_FILE, demo_summary, install_demo, write_demo_info
 
 __all__ = [
     "DEMO_SOURCE_SITE",
@@ -564,12 +564,10 @@ def generate_demo_prostate(root, seed: int = 0, cases_per_site=None, shape=DEFAU
 
 
 def _summary(root: Path, info: Mapping, seconds: float | None = None) -> dict:
-    root = Path(root)
-    items = absolute_items(root, info)
     params = info["params"]
-    return {"root": str(root), "sites": list(params["sites"]), "source_site": params["source_site"],
-            "cases_per_site": dict(params["cases_per_site"]), "items": items,
-            "version": info["version"], "seconds": seconds}
+    return demo_summary(root, info, seconds, sites=list(params["sites"]), source_site=params["source_site"],
+                        cases_per_site=dict(params["cases_per_site"]))
+
 
 def ensure_demo_prostate(root, seed: int = 0, **kwargs) -> Path:
     """Make sure ``root`` holds the demo set for these parameters; return ``root``.
@@ -581,17 +579,11 @@ def ensure_demo_prostate(root, seed: int = 0, **kwargs) -> Path:
     ``FileExistsError`` is raised instead.  ``kwargs`` are those of
     :func:`generate_demo_prostate` (``cases_per_site``, ``shape``, ``sites``, ``fov_mm``).
     """
-    root = Path(root).expanduser().absolute()
-    params = _params(seed, kwargs.get("cases_per_site"), kwargs.get("shape", DEFAULT_SHAPE),
-                     kwargs.get("sites"), kwargs.get("fov_mm", DEFAULT_FOV_MM))
     unknown = set(kwargs) - {"cases_per_site", "shape", "sites", "fov_mm"}
     if unknown:
         raise TypeError(f"unexpected arguments: {sorted(unknown)}")
-    return install_generated(
-        root,
-        is_current=lambda path: demo_is_current(path, _GENERATOR, GENERATOR_VERSION, params),
-        is_ours=lambda path: demo_info(path) is not None,
-        generate=lambda path: generate_demo_prostate(path, seed=seed, **kwargs),
-        what="synthetic prostate demo",
-    )
+    params = _params(seed, kwargs.get("cases_per_site"), kwargs.get("shape", DEFAULT_SHAPE),
+                     kwargs.get("sites"), kwargs.get("fov_mm", DEFAULT_FOV_MM))
+    return install_demo(root, _GENERATOR, GENERATOR_VERSION, params,
+                        lambda path: generate_demo_prostate(path, seed=seed, **kwargs), "synthetic prostate demo")
 
