@@ -62,6 +62,7 @@ __all__ = [
     "ResumeError",
     "TrainingCheckpointer",
     "check_resume",
+    "load_finished_weights",
     "load_resume_state",
     "plain_settings",
     "require_finished_run",
@@ -275,6 +276,21 @@ def require_finished_run(
             f"or, to use {path} as it is, delete {state_path}."
         )
     return str(path)
+
+
+def load_finished_weights(
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    what: str = "the earlier phase",
+    command: str | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Load into ``network`` the weights an earlier, finished run saved at ``path`` (checked as
+    :func:`require_finished_run` checks it: same errors and messages), e.g. Phase III's
+    ``init_from_phase1``. Returns ``network``."""
+    path = require_finished_run(path, what=what, command=command)
+    network.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    return network
 
 
 # ---------------------------------------------------------------------------------------------

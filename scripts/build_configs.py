@@ -8,7 +8,8 @@ file ``bundles/_templates/<task>.json`` holds the task's ids:
 
 * ``"common"``: ids for every phase; they never replace an id the phase template defines
   (e.g. Phase II's ``epochs`` are flow epochs);
-* ``"<phase>"``: ids for that phase only; these replace the template's.
+* ``"<phase>"``: ids for that phase only; these replace the template's. A key may name several
+  phases (``"phase2, phase3"``) for ids that they share; sections apply in the file's order.
 
 The result, ``bundles/<task>/configs/<phase>.json``, is one self-contained file per phase, so a
 user runs ``python -m monai.bundle run --config_file bundles/<task>/configs/<phase>.json``
@@ -66,7 +67,9 @@ def render(task: str, phase: str) -> OrderedDict:
     base = ConfigParser.load_config_files([str(TEMPLATES / f) for f in PHASES[phase]])
     spec = json.loads((TEMPLATES / f"{task}.json").read_text(), object_pairs_hook=OrderedDict)
     task_ids = OrderedDict((k, v) for k, v in spec.get("common", {}).items() if k not in base)
-    task_ids.update(spec.get(phase, {}))
+    for key, ids in spec.items():  # "<phase>" or several phases: "phase2, phase3"
+        if key != "common" and phase in [p.strip() for p in key.split(",")]:
+            task_ids.update(ids)
     # keep the task ids that the phase uses, directly or through other task ids
     used, todo = set(), set().union(*(_references(v) for k, v in base.items() if k not in task_ids))
     while todo:

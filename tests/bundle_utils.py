@@ -26,6 +26,26 @@ def load_script(name: str):
     return module
 
 
+#: the geometry the task transforms are built with in tests unless a test says otherwise
+TASK_DEFAULTS = {
+    "prostate": {"image_size": 384, "resample": "resize", "pixel_spacing": 0.625, "field_of_view": 140},
+    "fundus": {"image_size": 512},
+}
+
+
+def task_transform(task: str, name: str = "preprocessing", **ids):
+    """The bundle's transform ``name`` (``preprocessing``, ``label_loader``, ``postprocessing``)
+    for ``task``, built from ``bundles/<task>/configs/evaluate.json`` as a run would build it,
+    with the config ids in ``ids`` (e.g. ``image_size=32, resample="spacing"``) over
+    :data:`TASK_DEFAULTS`."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / task / "configs" / "evaluate.json"))
+    parser.update({**TASK_DEFAULTS[task], **ids})
+    return parser.get_parsed_content(name)
+
+
 def copy_bundle(name: str, dest: Path) -> Path:
     """Copy ``bundles/<name>`` (configs and docs only: no models, outputs or demo data) to
     ``dest/bundles/<name>``."""

@@ -4,11 +4,12 @@ folders beside the training data (:mod:`.external_sites`), installing a generate
 (:mod:`.demo_install`) and preparing the public archives (:mod:`.prepare`, imported on use). The
 task-specific lists, transforms, checks and demo generators are in :mod:`msf_monai.tasks`."""
 
-from . import core, demo_install, external_sites, slices, validation
+from . import core, demo_install, external_sites, original_label, slices, validation
 from .core import *  # noqa: F401,F403  (each module lists its public names in __all__)
 from .validation import *  # noqa: F401,F403
 from .slices import *  # noqa: F401,F403
 from .external_sites import *  # noqa: F401,F403
 from .demo_install import *  # noqa: F401,F403
+from .original_label import *  # noqa: F401,F403
 
-__all__ = core.__all__ + validation.__all__ + slices.__all__ + external_sites.__all__ + demo_install.__all__
+__all__ = core.__all__ + validation.__all__ + slices.__all__ + external_sites.__all__ + demo_install.__all__ + original_label.__all__

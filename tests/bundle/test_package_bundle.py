@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_utils import check, copy_bundle, load_script
+from bundle_utils import check, copy_bundle, load_script, task_transform
 from msf_monai.tasks.prostate import generate_demo_prostate, image_files
 from msf_monai.data import split_by_patient
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
 from msf_monai.style_shift import calibrate_style_shift, image_slices
 from msf_monai.training_record import write_training_record
-from msf_monai.tasks.prostate import prostate_preprocessing
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,7 @@ def _tiny_trained_models(models, source_items):
     phase1 = DualDecoderNet().eval()
     torch.save(phase1.state_dict(), models / "phase1_model.pt")
     torch.save(SegmentationOnlyNet().state_dict(), models / "model.pt")
-    pre = prostate_preprocessing(SIZE, keys=["image"])
+    pre = task_transform("prostate", image_size=SIZE)
     images = torch.cat([image_slices(pre(dict(it))["image"]) for it in source_items])
     with torch.no_grad():
         _, feats = phase1.reconstruct(phase1.encode(images.float()), return_features=True)

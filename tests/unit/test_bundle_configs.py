@@ -1,7 +1,8 @@
 """The bundles' configs: generated from bundles/_templates and current, valid metadata, and what their parsed parts do."""
 
-import pytest
+import json
 
+import pytest
 import torch
 
 from bundle_utils import REPO, copy_bundle, load_script
@@ -23,7 +24,7 @@ def test_phase3_is_phase1_plus_the_method_overrides():
         assert p1["train"]["iteration"]["_target_"] == "msf_monai.engines.DualDecoderIteration"
         # phase3 builds the step and the style layers of the chosen method (default MixStyleFlow)
         assert p3["style_method"] == "mixstyleflow"
-        assert "@dg_method.iteration(" in p3["train"]["iteration"]
+        assert p3["train"]["iteration"]["_target_"] == "$@dg_method.iteration"
         assert "@dg_method.image_decoder_styles(" in p3["network_def"]["image_decoder_styles"]
         assert "image_decoder_styles" not in p1["network_def"]
         # everything else about the data and validation is shared
@@ -32,6 +33,27 @@ def test_phase3_is_phase1_plus_the_method_overrides():
         for phase in build.PHASES:
             config = build.render(task, phase)
             assert build._references(config) <= set(config), (task, phase, build._references(config) - set(config))
+
+
+def _expressions(value, where=""):
+    """(place, text) of every ``$`` expression in a config value."""
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _expressions(v, f"{where}#{k}")]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _expressions(v, f"{where}#{i}")]
+    return [(where, value)] if isinstance(value, str) and value.startswith("$") else []
+
+
+def test_configs_read_like_model_zoo_configs():
+    """Transforms and calls with many arguments are ``_target_`` components, not long ``$``
+    expressions: no expression in a written config is over 100 characters."""
+    for path in sorted((REPO / "bundles").glob("*/configs/*.json")):
+        long = [(where, len(text)) for where, text in _expressions(json.loads(path.read_text())) if len(text) > 100]
+        assert not long, (str(path), long)
+    # the preprocessing is a list of transforms that each phase builds from the config
+    config = json.loads((REPO / "bundles" / "prostate" / "configs" / "evaluate.json").read_text())
+    targets = [t["_target_"] for t in config["preprocessing"]["transforms"]]
+    assert targets[0] == "LoadImaged" and "Spacingd" in targets and targets[-1] == "EnsureTyped"
 
 
 def test_metadata_is_valid_against_the_model_zoo_schema():

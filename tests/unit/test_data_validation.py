@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bundle_utils import task_transform
 from data_utils import data_with_a_4d_image, nifti, tiny_dataset, volume, write_case
 from msf_monai.data import DataValidationError
 from msf_monai.tasks.fundus import check_fundus_images, fundus_image_files
-from msf_monai.tasks.prostate import check_volumes, image_files, prostate_datalist, prostate_preprocessing
+from msf_monai.tasks.prostate import check_volumes, image_files, prostate_datalist
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_4d_image_outside_the_decathlon_layout_is_a_data_problem_in_training(tmp
     # the loader follows the same rule: no silent channel 0 for a list that names no channel
     (item,) = [it for it in items if it["image"] == str(four_d)]
     with pytest.raises(RuntimeError) as err:  # MONAI's Compose wraps the transform's error
-        prostate_preprocessing(32)(dict(item))
+        task_transform("prostate", image_size=32)(dict(item))
     assert isinstance(err.value.__cause__, ValueError) and str(four_d) in str(err.value.__cause__)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle_utils import SHARED_DATA
+from bundle_utils import SHARED_DATA, task_transform
 from msf_monai.tasks.fundus import (
     acquire_fundus,
     build_fundus_datalist,
@@ -34,7 +34,6 @@ from msf_monai.tasks.fundus import synthetic as sf
 from msf_monai.tasks.fundus import (
     CupInsideDiscd,
     fundus_mask_to_channels,
-    fundus_preprocessing,
     FundusMaskToChannelsd,
 )
 
@@ -282,7 +281,7 @@ def test_list_drishti(tmp_path):
                for it in items)
     assert list_drishti(root, site="DrishtiGS")[0]["site"] == "DrishtiGS"
     # the labels come out right through the real preprocessing
-    pre = fundus_preprocessing(image_size=96)
+    pre = task_transform("fundus", image_size=96)
     for it in items[:2]:
         out = pre(dict(it))
         img, lab = out["image"], out["label"]
@@ -330,7 +329,7 @@ def test_list_fundus_folder_with_mapping(tmp_path):
     assert [it["case"] for it in items] == ["eye0", "eye1", "eye2"]
     assert all(it["label_format"] == "mapping" and it["site"] == "myfolder" for it in items)
     assert parse_fundus_mapping(items[0]["mapping"]) == {"disc": [10], "cup": [20]}
-    lab = fundus_preprocessing(image_size=32)(dict(items[0]))["label"]
+    lab = task_transform("fundus", image_size=32)(dict(items[0]))["label"]
     assert lab[0].sum() > lab[1].sum() > 0
     # without a mapping the grey benchmark convention is assumed
     assert list_fundus_folder(root)[0]["label_format"] == "grey"
@@ -423,7 +422,7 @@ def test_preprocessing_files_all_formats(tmp_path):
     assert Image.open(tmp_path / "m" / "p.png").mode == "P"
     Image.fromarray(np.where(cup, 7, np.where(disc, 3, 0)).astype(np.uint8)).save(tmp_path / "m" / "x.png")
     S = 32
-    pre = fundus_preprocessing(image_size=S)
+    pre = task_transform("fundus", image_size=S)
     image = str(tmp_path / "i" / "a.png")
     items = [
         {"image": image, "label": str(tmp_path / "m" / "g.png"), "label_format": "grey"},
@@ -448,10 +447,10 @@ def test_preprocessing_files_all_formats(tmp_path):
     assert float(red[d & ~c].mean()) > 0.8 and float(red[~d].mean()) < 0.45
     # RGBA and grey images become 3-channel
     for name in ("rgba.png", "grey.png"):
-        out = fundus_preprocessing(image_size=S, keys=("image",))({"image": str(tmp_path / "i" / name)})
+        out = task_transform("fundus", image_size=S)({"image": str(tmp_path / "i" / name)})
         assert tuple(out["image"].shape) == (3, S, S)
     # display order when asked for: [C, H, W]; same geometry transposed otherwise
-    pre_hw = fundus_preprocessing(image_size=S, reverse_indexing=False)
+    pre_hw = task_transform("fundus", image_size=S, reverse_indexing=False)
     lab_hw = pre_hw(dict(items[0]))["label"]
     small = np.asarray(Image.fromarray(disc.astype(np.uint8) * 255).resize((S, S), Image.NEAREST)) > 0
     assert (np.asarray(lab_hw[0] > 0.5) == small).mean() > 0.97

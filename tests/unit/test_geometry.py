@@ -12,11 +12,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_utils import REPO, SHARED_DATA, inverted_label_dice
+from bundle_utils import REPO, SHARED_DATA, inverted_label_dice, task_transform
 from msf_monai.bundle import ConfigValueError, check_geometry, trained_geometry
 from msf_monai.handlers import case_dice
 from msf_monai.training_record import write_training_record
-from msf_monai.tasks.prostate import geometry_settings, prostate_preprocessing, spacing_canvas
+from msf_monai.tasks.prostate import geometry_settings, spacing_canvas
 
 
 RADIUS_MM = 15.0
@@ -44,7 +44,7 @@ def test_spacing_keeps_the_physical_size_resize_does_not(tmp_path):
     coarse = _disc_volume(tmp_path, "coarse", 0.8, 200)
 
     def area(item, **kw):
-        return float(prostate_preprocessing(64, **kw)(dict(item))["label"][..., 0].sum())
+        return float(task_transform("prostate", image_size=64, **kw)(dict(item))["label"][..., 0].sum())
 
     expected = np.pi * RADIUS_MM**2 / (140 / 64) ** 2  # the disc in pixels of 140/64 mm
     for item in (fine, coarse):
@@ -59,7 +59,7 @@ def test_spacing_predictions_go_back_to_the_original_grid(tmp_path, image_size):
     """A prediction equal to the preprocessed label, inverted, is the original label on the
     original grid (with and without the final resize: 224 is the 140 mm canvas itself)."""
     item = _disc_volume(tmp_path, "case", 0.8, 200)
-    pre = prostate_preprocessing(image_size, resample="spacing")
+    pre = task_transform("prostate", image_size=image_size, resample="spacing")
     assert tuple(pre(dict(item))["image"].shape) == (1, image_size, image_size, 4)
     assert inverted_label_dice(pre, item) > (0.9 if image_size == 64 else 0.98)
 
@@ -72,8 +72,9 @@ def test_geometry_settings_and_their_errors(tmp_path):
         geometry_settings("voxel")
     with pytest.raises(ValueError, match="only 5 pixels"):
         geometry_settings("spacing", 2.0, 10)
-    with pytest.raises(ValueError, match="must be positive"):
-        prostate_preprocessing(32, resample="spacing", pixel_spacing=0)
+    with pytest.raises(RuntimeError) as err:  # the config parser wraps the ValueError
+        task_transform("prostate", image_size=32, resample="spacing", pixel_spacing=0)
+    assert isinstance(err.value.__cause__, ValueError) and "must be positive" in str(err.value.__cause__)
     # a checkpoint's geometry comes from its training record; without one it is 'resize'
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"")
@@ -154,8 +155,6 @@ def test_original_geometry_dice_is_computed_on_the_scans_grid(tmp_path, eval_spa
 def test_inverted_preprocessing_puts_masks_back_on_the_original_grid():
     """Inference's geometry on a real, non-RAS volume: a 'prediction' equal to the preprocessed
     label, inverted with the preprocessing, matches the original label."""
-    from msf_monai.tasks.prostate import prostate_preprocessing
-
     src = SHARED_DATA / "prostate_nci_isbi"
     item = {"image": str(src / "Case30.nii.gz"), "label": str(src / "Case30_Segmentation.nii.gz")}
-    assert inverted_label_dice(prostate_preprocessing(128), item) > 0.9
+    assert inverted_label_dice(task_transform("prostate", image_size=128), item) > 0.9

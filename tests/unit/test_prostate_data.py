@@ -421,7 +421,7 @@ def test_split_real_list():
 def test_preprocessing_keeps_the_listed_channel_of_4d_volumes(tmp_path):
     import nibabel as nib
 
-    from msf_monai.tasks.prostate import prostate_preprocessing
+    from bundle_utils import task_transform
 
     vol = np.zeros((16, 16, 4, 2), dtype=np.float32)
     vol[..., 0] = np.linspace(0, 1, 16)[:, None, None]  # T2: a ramp
@@ -431,9 +431,10 @@ def test_preprocessing_keeps_the_listed_channel_of_4d_volumes(tmp_path):
     nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "img.nii.gz")
     nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "lab.nii.gz")
     item = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
-    out = prostate_preprocessing(32)(dict(item, channel=0))
+    preprocessing = task_transform("prostate", image_size=32)
+    out = preprocessing(dict(item, channel=0))
     assert out["image"].shape == (1, 32, 32, 4) and out["label"].shape == (1, 32, 32, 4)
     assert float(out["image"].std()) > 0.1  # the ramp, not the constant channel
     assert set(np.unique(out["label"].numpy())) == {0.0, 1.0}  # zones merged
-    constant = prostate_preprocessing(32)(dict(item, channel=1))
+    constant = preprocessing(dict(item, channel=1))
     assert float(constant["image"].std()) == pytest.approx(0.0, abs=1e-6)

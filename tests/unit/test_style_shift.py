@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle_utils import copy_bundle
+from bundle_utils import copy_bundle, task_transform
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import DualDecoderNet
 from msf_monai.style_shift import StyleShiftScorer, StyleShiftWriter, calibrate_style_shift, image_slices
@@ -131,8 +131,6 @@ def test_phase2_calibrates_on_the_source_sites_validation_cases(tmp_path):
     trained on, no other site) and saves the configured quantile of their scores."""
     from monai.bundle import ConfigParser
 
-    from msf_monai.tasks.prostate import prostate_preprocessing as pre
-
     data = tmp_path / "data"
     generate_demo_prostate(data, cases_per_site={"SiteA": 6, "SiteB": 2}, sites=["SiteA", "SiteB"], shape=(40, 40, 4))
     bundle = copy_bundle("prostate", tmp_path)
@@ -162,7 +160,7 @@ def test_phase2_calibrates_on_the_source_sites_validation_cases(tmp_path):
     by_case = {d["case"]: d for d in source}
     expected = []
     for case in cases:
-        image = pre(SIZE, keys=["image"])({"image": by_case[case]["image"]})["image"]
+        image = task_transform("prostate", image_size=SIZE)({"image": by_case[case]["image"]})["image"]
         expected.append(float(_direct_slice_scores(phase1, bank, image_slices(image)).median()))
     np.testing.assert_allclose([c["score"] for c in result["cases"]], expected, rtol=1e-4, atol=1e-4)
     assert result["threshold"] == pytest.approx(float(np.quantile(expected, 0.4)), rel=1e-4, abs=1e-4)

@@ -1,31 +1,35 @@
-"""Deterministic preprocessing of colour fundus photographs (optic disc / cup segmentation),
-shared by every phase of a fundus bundle.
+"""Fundus-specific transforms used by the bundles' preprocessing of colour fundus photographs
+(optic disc / cup segmentation).
 
-Built from MONAI transforms; the returned ``Compose`` is invertible (``Resized``), which
-inference uses to put masks back on the original image grid.
+The preprocessing itself is a list of MONAI transforms in the bundle config (``preprocessing``
+in ``bundles/_templates/fundus.json``, the same in every phase):
+
+1. Load with MONAI's PIL reader, channel first (:func:`pil_to_rgb`: palette / CMYK images
+   become RGB; masks are read as stored, e.g. palette indices).  See below for the axis order.
+2. Image: 3 RGB channels (:class:`EnsureRGBd`: alpha dropped, grey repeated).
+3. Label: 2-channel float ``[disc, cup]`` (:class:`FundusMaskToChannelsd`, reading the item's
+   ``label_format`` / ``mapping``).
+4. Image intensities 0..255 mapped to [0, 1] and clipped.
+5. Resize to ``image_size`` x ``image_size`` (area for the image, nearest for the label).
+6. float32 tensors: [3, S, S] for the image, [2, S, S] for the label.
+
+``Resized`` is invertible, which inference uses to put masks back on the photograph's grid; the
+config's ``label_loader`` (steps 1 and 3 for the label only) reads the mask as stored for
+original-geometry evaluation. Items without a ``"label"`` (inference) go through the same list.
 
 Orientation: MONAI's ``PILReader`` swaps the two spatial axes by default
 (``reverse_indexing=True``), so a ``W x H`` PNG is loaded as ``[C, W, H]`` (x first), i.e. the
 arrays are the transposed photograph.  Image and mask are loaded the same way, so they stay
 aligned, and MONAI's PIL writer transposes back when saving; a model simply sees transposed
-(diagonally mirrored) eyes.  Pass ``reverse_indexing=False`` to :func:`fundus_preprocessing`
+(diagonally mirrored) eyes.  Set the config's ``reverse_indexing`` to ``false``
 for ``[C, H, W]`` arrays in display order instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    LoadImaged,
-    MapTransform,
-    Resized,
-    ScaleIntensityRanged,
-)
+from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 
 from .lists import parse_fundus_mapping
@@ -36,13 +40,13 @@ __all__ = [
     "CupInsideDiscd",
     "EnsureRGBd",
     "fundus_mask_to_channels",
-    "fundus_preprocessing",
+    "pil_to_rgb",
 ]
 
 _PIL_COLOUR_MODES = {"P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"}
 
 
-def _pil_to_rgb_converter(img):
+def pil_to_rgb(img):
     """PIL converter for colour images: palette / CMYK / YCbCr / 1-bit... become RGB; grey,
     RGB and RGBA images are left alone (:class:`EnsureRGBd` fixes their channel count)."""
     if getattr(img, "mode", "RGB") in _PIL_COLOUR_MODES:
@@ -197,47 +201,3 @@ class EnsureRGBd(MapTransform):
             else:
                 raise ValueError(f"{key}: cannot make an RGB image from {c} channels")
         return d
-
-
-def fundus_preprocessing(image_size: int = 512, keys: Sequence[str] = ("image", "label"),
-                         reverse_indexing: bool = True, original_grid: bool = False) -> Compose:
-    """Preprocessing of a colour fundus photograph (and its mask, if ``"label"`` is in
-    ``keys``).
-
-    1. Load with MONAI's PIL reader, channel first (palette / CMYK images become RGB; masks
-       are read as stored, e.g. palette indices).  See the module doc for the axis order.
-    2. Image: 3 RGB channels (:class:`EnsureRGBd`: alpha dropped, grey repeated).
-    3. Label: 2-channel float ``[disc, cup]`` (:class:`FundusMaskToChannelsd`, reading the
-       item's ``label_format`` / ``mapping``).
-    4. Image intensities 0..255 mapped to [0, 1] and clipped.
-    5. Resize to ``image_size`` x ``image_size`` (area for the image, nearest for the label).
-    6. float32 tensors.
-
-    The result is [3, S, S] for the image and [2, S, S] for the label. ``original_grid=True``
-    leaves out step 5 (the label as stored, on the photograph's own grid: what a prediction put
-    back with ``Invertd`` is compared with in original-geometry evaluation).
-    """
-    keys = list(keys)
-    size = int(image_size)
-    transforms = []
-    if "image" in keys:
-        transforms.append(LoadImaged(keys="image", reader="PILReader", image_only=True,
-                                     ensure_channel_first=True, converter=_pil_to_rgb_converter,
-                                     reverse_indexing=reverse_indexing))
-    other = [k for k in keys if k != "image"]
-    if other:
-        transforms.append(LoadImaged(keys=other, reader="PILReader", image_only=True,
-                                     ensure_channel_first=True, reverse_indexing=reverse_indexing))
-    if "image" in keys:
-        transforms.append(EnsureRGBd(keys="image"))
-    if "label" in keys:
-        transforms.append(FundusMaskToChannelsd(keys="label"))
-    if "image" in keys:
-        transforms.append(ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0,
-                                               b_min=0.0, b_max=1.0, clip=True))
-    modes = ["area" if k == "image" else "nearest" for k in keys]
-    if not original_grid:
-        transforms.append(Resized(keys=keys, spatial_size=(size, size), mode=modes))
-    transforms.append(EnsureTyped(keys=keys, dtype=torch.float32))
-    return Compose(transforms)
-
