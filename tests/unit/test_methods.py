@@ -167,7 +167,7 @@ def test_phase3_settings_reach_the_step_and_init_from_phase1_loads_phase1_weight
         parser.update({"stylized_weight": 0.5, "style_p": 0.3, "init_from_phase1": init,
                        "phase1_checkpoint": str(tmp_path / "phase1_model.pt")})
         steps = parser.get("initialize")
-        index = next(i for i, expr in enumerate(steps) if "init_from_phase1" in str(expr) and "load_state_dict" in str(expr))
+        index = next(i for i, step in enumerate(steps) if isinstance(step, dict) and step["_target_"].endswith("load_finished_weights"))
         parser.get_parsed_content(f"initialize#{index}")  # the step that loads (or not) the Phase I weights
         return parser
 
