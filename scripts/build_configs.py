@@ -7,7 +7,8 @@ workflow lives once, in ``bundles/_templates/<phase>.json`` (Phase III is Phase 
 file ``bundles/_templates/<task>.json`` holds the task's ids:
 
 * ``"common"``: ids for every phase; they never replace an id the phase template defines
-  (e.g. Phase II's ``epochs`` are flow epochs);
+  (e.g. Phase II's ``epochs`` are flow epochs); ``bundles/_templates/shared.json`` holds such ids
+  that are the same for every task (the training augmentation);
 * ``"<phase>"``: ids for that phase only; these replace the template's. A key may name several
   phases (``"phase2, phase3"``) for ids that they share; sections apply in the file's order.
 
@@ -47,6 +48,9 @@ PHASES = {
 # III): the same for every task, written to each bundle as they are
 OVERLAYS = {"multi_gpu_train": "multi_gpu_train.json"}
 TASKS = ("prostate", "fundus")
+#: ids that every task shares and several phases use (e.g. the training augmentation): like a
+#: task's "common" ids (which may replace them), written to a phase only where it refers to them
+SHARED = TEMPLATES / "shared.json"
 _REF = re.compile(r"@([A-Za-z_]\w*)")
 _LAST = ("initialize", "run")
 
@@ -66,7 +70,9 @@ def render(task: str, phase: str) -> OrderedDict:
     """The config of ``phase`` for ``task``, as written to the bundle."""
     base = ConfigParser.load_config_files([str(TEMPLATES / f) for f in PHASES[phase]])
     spec = json.loads((TEMPLATES / f"{task}.json").read_text(), object_pairs_hook=OrderedDict)
-    task_ids = OrderedDict((k, v) for k, v in spec.get("common", {}).items() if k not in base)
+    common = json.loads(SHARED.read_text(), object_pairs_hook=OrderedDict)
+    common.update(spec.get("common", {}))
+    task_ids = OrderedDict((k, v) for k, v in common.items() if k not in base)
     for key, ids in spec.items():  # "<phase>" or several phases: "phase2, phase3"
         if key != "common" and phase in [p.strip() for p in key.split(",")]:
             task_ids.update(ids)
