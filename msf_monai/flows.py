@@ -524,7 +524,9 @@ class StyleFlowBank(nn.Module):
 class StylePool:
     """Hands out styles of one layer of a :class:`StyleFlowBank` from a pool that is refilled
     ``pool_size`` samples at a time (see :meth:`StyleFlowBank.sampler`). Callable as
-    ``pool(n) -> (mean [n, C], std [n, C])``; not an ``nn.Module``."""
+    ``pool(n) -> (mean [n, C], std [n, C])``; not an ``nn.Module``. Its ``state_dict`` (the
+    styles not handed out yet) goes into Phase III's training state, so a resumed run hands out
+    the same styles as an uninterrupted one."""
 
     def __init__(self, bank: StyleFlowBank, layer: int, pool_size: int = 256):
         if pool_size < 1:
@@ -540,3 +542,19 @@ class StylePool:
             self._next = 0
         start, self._next = self._next, self._next + n
         return self._mean[start : self._next], self._std[start : self._next]
+
+    def state_dict(self) -> dict:
+        """The pool's samples (CPU copies; ``None`` before the first draw) and the next index."""
+        if self._mean is None:
+            return {"mean": None, "std": None, "next": 0}
+        return {"mean": self._mean.detach().cpu(), "std": self._std.detach().cpu(), "next": self._next}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned, on the device of the pool's flows."""
+        if state.get("mean") is None:
+            self._mean = self._std = None
+            self._next = 0
+            return
+        device = next(iter(self.bank.parameters()), torch.empty(0)).device
+        self._mean, self._std = state["mean"].to(device), state["std"].to(device)
+        self._next = int(state["next"])

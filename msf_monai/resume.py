@@ -4,7 +4,7 @@ the same command is run after a crash, a pre-empted GPU or a ``kill``.
 * :class:`TrainingCheckpointer` -- ignite handler for the Phase I / III trainers, built on
   ignite's ``Checkpoint``. Every ``interval`` epochs it writes the *latest* full training state
   (network, optimizer, lr scheduler, epoch/iteration, best validation metric, torch/numpy/python
-  RNG states: :class:`RNGStates`) and, whenever the validation metric improves, the *best* model
+  RNG states: :class:`RNGStates`, the style layers' style pools: :class:`StyleSamplerStates`) and, whenever the validation metric improves, the *best* model
   weights (the bundle's ``models/<checkpoint_name>``). On ``Events.STARTED`` it loads the latest
   state again (``Checkpoint.load_objects``) when ``resume`` is true, so the epoch numbering, the
   optimizer moments and the best metric go on where the interrupted run stopped.
@@ -59,6 +59,7 @@ __all__ = [
     "AtomicFileSaver",
     "PhaseFinishedError",
     "RNGStates",
+    "StyleSamplerStates",
     "ResumeError",
     "TrainingCheckpointer",
     "check_resume",
@@ -293,6 +294,32 @@ def load_finished_weights(
     return network
 
 
+class StyleSamplerStates:
+    """The state of every style sampler in ``network`` (the ``style_sampler`` of a style layer,
+    where it has ``state_dict``: :class:`msf_monai.flows.StylePool`) as one object for ignite's
+    ``Checkpoint``, keyed by the layer's module name. Without it a resumed Phase III would refill
+    its style pools from scratch and draw other styles than an uninterrupted run."""
+
+    def __init__(self, network: torch.nn.Module):
+        self.network = network
+
+    def _samplers(self) -> dict:
+        found = {}
+        for name, module in self.network.named_modules():
+            sampler = getattr(module, "style_sampler", None)
+            if callable(getattr(sampler, "state_dict", None)):
+                found[name] = sampler
+        return found
+
+    def state_dict(self) -> dict:
+        return {name: sampler.state_dict() for name, sampler in self._samplers().items()}
+
+    def load_state_dict(self, states: Mapping) -> None:
+        for name, sampler in self._samplers().items():
+            if name in states:
+                sampler.load_state_dict(states[name])
+
+
 # ---------------------------------------------------------------------------------------------
 # the handler
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +354,8 @@ class AtomicFileSaver(BaseSaveHandler):
 class TrainingCheckpointer:
     """Latest full training state every ``interval`` epochs, best model on every improvement,
     and resume on start: two ignite ``Checkpoint`` handlers writing through :class:`AtomicFileSaver`.
-    The latest state holds ``network``, ``optimizer``, ``lr_scheduler``, ``rng`` (:class:`RNGStates`)
-    and this object's :meth:`state_dict`, all at the top level (:mod:`msf_monai.saved_state`); the
+    The latest state holds ``network``, ``optimizer``, ``lr_scheduler``, ``rng`` (:class:`RNGStates`),
+    ``style_samplers`` (:class:`StyleSamplerStates`, where the network has style pools) and this object's :meth:`state_dict`, all at the top level (:mod:`msf_monai.saved_state`); the
     best model is a plain ``state_dict``, scored by the epoch of the validator's best metric (which
     moves on exactly when the key metric improves, whichever way the metric compares).
 
@@ -379,6 +406,9 @@ class TrainingCheckpointer:
         self._previous_sigint = None
         self._stop_requested = False
         self._objects = {"network": network, "optimizer": optimizer, "rng": RNGStates()}
+        samplers = StyleSamplerStates(network)
+        if samplers.state_dict():  # Phase III with style pools; Phase I's state has no such entry
+            self._objects["style_samplers"] = samplers
         if lr_scheduler is not None:
             self._objects["lr_scheduler"] = lr_scheduler
         # one item, replaced at every save (each saver writes its own file, whatever the item's name)
@@ -515,8 +545,9 @@ class TrainingCheckpointer:
             # the network, optimizer, scheduler, engine, validator and random generators, as saved
             state = load_resume_state(self.path, map_location="cpu")
             to_load = {"run": self, **self._objects}
-            if state.get("lr_scheduler") is None:
-                to_load.pop("lr_scheduler", None)
+            for key in ("lr_scheduler", "style_samplers"):  # absent from states saved without them
+                if state.get(key) is None:
+                    to_load.pop(key, None)
             Checkpoint.load_objects(to_load, {**state, "run": state})
             epoch = self.resumed_from = self._last_saved_epoch = int(state["epoch"])
             best = ""

@@ -19,9 +19,11 @@ from monai.handlers import LrScheduleHandler, ValidationHandler
 from bundle_utils import locking_process
 from msf_monai.bundle import CheckpointLockedError, UnfinishedPhaseError
 from msf_monai.files import atomic_save, file_digest
+from msf_monai.flows import StylePool
 from msf_monai.networks import DualDecoderNet
 from msf_monai.resume import (AtomicFileSaver, PhaseFinishedError, ResumeError, TrainingCheckpointer, check_resume,
                                load_resume_state, require_finished_run)
+from msf_monai.styles import MixStyleFlow
 from training_utils import tiny_loader
 
 
@@ -152,12 +154,23 @@ class _Killed(Exception):
     pass
 
 
-def _training(folder: Path, init_seed: int, stop_after: int | None = None, interval: int = 2):
+class _RandomStyles(torch.nn.Module):
+    """A stand-in for a fitted flow bank: ``sample`` draws 4-channel styles from torch's generator."""
+
+    def sample(self, layer, n):
+        return torch.randn(n, 4), torch.rand(n, 4) + 0.5
+
+
+def _training(folder: Path, init_seed: int, stop_after: int | None = None, interval: int = 2, styles: bool = False):
     """A MONAI trainer (4 epochs, dropout: the run draws random numbers) validated every epoch by
     an evaluator with a scripted key metric, an lr scheduler, and the checkpointer as the configs
-    attach it; ``stop_after``: the process is killed right after that epoch's handlers."""
+    attach it; ``stop_after``: the process is killed right after that epoch's handlers. ``styles``:
+    a MixStyleFlow layer draws its styles from a pool of 5 (one per step: the pool outlives epochs)."""
     torch.manual_seed(init_seed)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Dropout(0.5), torch.nn.Conv2d(4, 1, 1))
+    layers = [torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Dropout(0.5), torch.nn.Conv2d(4, 1, 1)]
+    if styles:
+        layers.insert(1, MixStyleFlow(style_sampler=StylePool(_RandomStyles(), 2, pool_size=5), p=1.0))
+    net = torch.nn.Sequential(*layers)
     opt = torch.optim.Adam(net.parameters(), 1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
     validator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=tiny_loader(1, size=8, batch=2), network=net,
@@ -186,26 +199,28 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("stop_after", [2, 3])
-def test_a_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, stop_after):
+@pytest.mark.parametrize("stop_after,styles", [(2, False), (3, False), (2, True)])
+def test_a_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, stop_after, styles):
     """Killed right after the state of epoch 2 was saved (``stop_after`` 2) or one epoch later,
     whose work is lost (3): the same command goes on from epoch 2 and ends with the weights,
     optimizer moments, scheduler, epoch count and best model of a run that was never stopped --
     the network, the optimizer and every random generator come from the saved state, and the
-    restored best metric keeps epochs 3 and 4 (worse than epoch 2) from replacing the best model."""
+    restored best metric keeps epochs 3 and 4 (worse than epoch 2) from replacing the best model.
+    With a MixStyleFlow layer (``styles``) the styles its pool had not handed out yet come from
+    the state too (a refilled pool would train on other styles)."""
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    trainer, net, opt, validator = _training(whole, init_seed=0)
+    trainer, net, opt, validator = _training(whole, init_seed=0, styles=styles)
     trainer.run()
     assert validator.state.best_metric == 0.9 and validator.state.best_metric_epoch == 2
 
-    trainer, *_ = _training(stopped, init_seed=0, stop_after=stop_after)
+    trainer, *_ = _training(stopped, init_seed=0, stop_after=stop_after, styles=styles)
     with pytest.raises(_Killed):
         trainer.run()
     state = torch.load(stopped / "model_resume.pt", weights_only=True)
     assert state["epoch"] == 2 and not state["finished"]
 
     torch.manual_seed(1234)  # the generators as a new process finds them
-    trainer, net2, opt2, validator2 = _training(stopped, init_seed=1)  # other initial weights: all comes from the state
+    trainer, net2, opt2, validator2 = _training(stopped, init_seed=1, styles=styles)  # other initial weights: all comes from the state
     trainer.run()
     assert trainer.state.epoch == 4 and trainer.state.iteration == 4 * 3
     assert all(torch.equal(p, q) for p, q in zip(net.state_dict().values(), net2.state_dict().values()))
