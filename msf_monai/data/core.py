@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import MsfError
@@ -23,6 +23,7 @@ __all__ = [
     "is_broken_link",
     "is_visible",
     "natural_key",
+    "pair_by_stem",
     "patient_key",
     "same_output_name_problems",
     "split_by_patient",
@@ -84,6 +85,45 @@ def check_root(root) -> Path:
         raise DataListError([f"data root is empty: {path}"], root=path)
     return path.absolute()
 
+
+
+def pair_by_stem(images: Iterable[tuple[str, Path]], labels: Iterable[tuple[str, Path]], problems: list[str],
+                 missing_label: Callable[[str, Path], str], missing_image: Callable[[str, Path], str],
+                 label_word: str = "label", prefer_same_name: bool = False) -> list[tuple[str, Path, Path]]:
+    """Pair images and labels given as ``(case, path)``: ``(case, image, label)`` for every case
+    with one of each, in natural order of the cases.
+
+    A case with several images or labels, an image without a label and a label without an
+    image are appended to ``problems``, each naming the files; ``missing_label(case, image)``
+    and ``missing_image(case, label)`` say where the partner was looked for, ``label_word``
+    names the label kind (``"label"``, ``"mask"``). ``prefer_same_name``: when a case has
+    several files on one side, the ones whose whole name also exists on the other side are
+    taken (``x.nii`` with ``x.nii`` when ``x.nii.gz`` lies next to it)."""
+    def by_case(named):
+        out: dict[str, list[Path]] = {}
+        for case, path in named:
+            out.setdefault(case, []).append(path)
+        return out
+
+    imgs, labs = by_case(images), by_case(labels)
+    pairs = []
+    for case in sorted(set(imgs) | set(labs), key=natural_key):
+        i, lab = imgs.get(case, []), labs.get(case, [])
+        if prefer_same_name and len(i) > 1 and lab:
+            i = [p for p in i if any(q.name == p.name for q in lab)] or i
+        if prefer_same_name and len(lab) > 1 and i:
+            lab = [q for q in lab if any(q.name == p.name for p in i)] or lab
+        if len(i) > 1:
+            problems.append(f"several images for case {case!r}: " + ", ".join(map(str, i)))
+        if len(lab) > 1:
+            problems.append(f"several {label_word}s for case {case!r}: " + ", ".join(map(str, lab)))
+        if i and not lab:
+            problems.extend(f"image without {label_word}: {p} ({missing_label(case, p)})" for p in i)
+        elif lab and not i:
+            problems.extend(f"{label_word} without image: {q} ({missing_image(case, q)})" for q in lab)
+        elif len(i) == 1 and len(lab) == 1:
+            pairs.append((case, i[0], lab[0]))
+    return pairs
 
 
 def patient_key(item: Mapping) -> tuple[str, str]:

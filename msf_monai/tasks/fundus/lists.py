@@ -51,6 +51,7 @@ from ...data.core import (
     is_broken_link,
     is_visible,
     natural_key,
+    pair_by_stem,
     same_output_name_problems,
 )
 from ...data.validation import exit_on_data_errors
@@ -165,33 +166,19 @@ def _find_dir(parent: Path, names: Sequence[str]) -> Path | None:
 def _pair(img_dir: Path, mask_dir: Path, site: str, split: str, label_format: str,
           problems: list[str], mapping: str | None = None) -> list[dict]:
     """Pair images and masks of the same stem in two folders; every problem is recorded."""
-    def by_stem(folder):
-        out: dict[str, list[Path]] = {}
-        for p in _files(folder):
-            out.setdefault(p.stem, []).append(p)
-        return out
-
-    imgs, masks = by_stem(img_dir), by_stem(mask_dir)
     items = []
-    for stem in sorted(set(imgs) | set(masks), key=natural_key):
-        i, m = imgs.get(stem, []), masks.get(stem, [])
-        if len(i) > 1:
-            problems.append(f"several images for {stem!r}: " + ", ".join(map(str, i)))
-        if len(m) > 1:
-            problems.append(f"several masks for {stem!r}: " + ", ".join(map(str, m)))
-        if i and not m:
-            problems.extend(f"image without mask: {p} (no {stem}.* in {mask_dir})" for p in i)
-        elif m and not i:
-            problems.extend(f"mask without image: {q} (no {stem}.* in {img_dir})" for q in m)
-        elif len(i) == 1 and len(m) == 1:
-            ok = _readable(i[0], problems)
-            ok = _readable(m[0], problems) and ok
-            if ok:
-                item = {"image": str(i[0]), "label": str(m[0]), "site": site, "case": stem,
-                        "split": split, "label_format": label_format}
-                if mapping is not None:
-                    item["mapping"] = mapping
-                items.append(item)
+    pairs = pair_by_stem([(p.stem, p) for p in _files(img_dir)], [(p.stem, p) for p in _files(mask_dir)], problems,
+                         lambda case, _: f"no {case}.* in {mask_dir}", lambda case, _: f"no {case}.* in {img_dir}",
+                         label_word="mask")
+    for case, image, mask in pairs:
+        ok = _readable(image, problems)
+        ok = _readable(mask, problems) and ok
+        if ok:
+            item = {"image": str(image), "label": str(mask), "site": site, "case": case,
+                    "split": split, "label_format": label_format}
+            if mapping is not None:
+                item["mapping"] = mapping
+            items.append(item)
     return items
 
 

@@ -39,6 +39,7 @@ from ...data.core import (
     is_broken_link,
     is_visible,
     natural_key,
+    pair_by_stem,
     same_output_name_problems,
 )
 from ...data.validation import exit_on_data_errors
@@ -155,29 +156,19 @@ def _scan_case_folder(folder: Path, site: str, problems: list[str]) -> tuple[lis
 
     Returns (items, whether the folder held any case file at all).
     """
-    images: dict[str, list[Path]] = {}
-    labels: dict[str, list[Path]] = {}
+    images: list[tuple[str, Path]] = []
+    labels: list[tuple[str, Path]] = []
     for p in _image_files(folder):
         stem, _ = _split_ext(p.name)
         m = _LABEL_RE.match(stem)
         if m:
-            labels.setdefault(m.group("case"), []).append(p)
+            labels.append((m.group("case"), p))
         else:
-            images.setdefault(stem, []).append(p)
-    items = []
-    for case in sorted(set(images) | set(labels), key=natural_key):
-        imgs, labs = images.get(case, []), labels.get(case, [])
-        if len(imgs) > 1:
-            problems.append(f"several images for case {case!r}: " + ", ".join(map(str, imgs)))
-        if len(labs) > 1:
-            problems.append(f"several labels for case {case!r}: " + ", ".join(map(str, labs)))
-        if imgs and not labs:
-            problems.extend(f"image without label: {p} (expected {case}_segmentation"
-                            f"{_split_ext(p.name)[1]} beside it)" for p in imgs)
-        elif labs and not imgs:
-            problems.extend(f"label without image: {p}" for p in labs)
-        elif len(imgs) == 1 and len(labs) == 1:
-            items.append(_make_item(imgs[0], labs[0], site, case, problems))
+            images.append((stem, p))
+    pairs = pair_by_stem(images, labels, problems,
+                         lambda case, p: f"expected {case}_segmentation{_split_ext(p.name)[1]} beside it",
+                         lambda case, _: f"no {case}.* beside it")
+    items = [_make_item(image, label, site, case, problems) for case, image, label in pairs]
     return items, bool(images or labels)
 
 
@@ -268,33 +259,12 @@ def _image_label_folders(path: Path, images: str, labels: str) -> tuple[Path, Pa
 def _pair_folders(img_dir: Path, lab_dir: Path, site: str, problems: list[str],
                   channel: int | None = None) -> list[dict]:
     """Pair files of the same name (or same stem with another extension) in two folders."""
-    def by_stem(folder):
-        out: dict[str, list[Path]] = {}
-        for p in _image_files(folder):
-            out.setdefault(_split_ext(p.name)[0], []).append(p)
-        return out
+    def named(folder):
+        return [(_split_ext(p.name)[0], p) for p in _image_files(folder)]
 
-    imgs, labs = by_stem(img_dir), by_stem(lab_dir)
-    items = []
-    for stem in sorted(set(imgs) | set(labs), key=natural_key):
-        i, lab = imgs.get(stem, []), labs.get(stem, [])
-        if len(i) > 1 and lab:
-            exact = [p for p in i if any(q.name == p.name for q in lab)]
-            i = exact or i
-        if len(lab) > 1 and i:
-            exact = [q for q in lab if any(q.name == p.name for p in i)]
-            lab = exact or lab
-        if len(i) > 1:
-            problems.append(f"several images for case {stem!r}: " + ", ".join(map(str, i)))
-        if len(lab) > 1:
-            problems.append(f"several labels for case {stem!r}: " + ", ".join(map(str, lab)))
-        if i and not lab:
-            problems.extend(f"image without label: {p} (no {stem}.* in {lab_dir})" for p in i)
-        elif lab and not i:
-            problems.extend(f"label without image: {q} (no {stem}.* in {img_dir})" for q in lab)
-        elif len(i) == 1 and len(lab) == 1:
-            items.append(_make_item(i[0], lab[0], site, stem, problems, channel))
-    return items
+    pairs = pair_by_stem(named(img_dir), named(lab_dir), problems, lambda case, _: f"no {case}.* in {lab_dir}",
+                         lambda case, _: f"no {case}.* in {img_dir}", prefer_same_name=True)
+    return [_make_item(image, label, site, case, problems, channel) for case, image, label in pairs]
 
 
 def list_image_label_folder(root) -> list[dict]:
