@@ -16,7 +16,7 @@ from bundle_utils import REPO, SHARED_DATA, inverted_label_dice, task_transform
 from msf_monai.bundle import ConfigValueError, check_geometry, trained_geometry
 from msf_monai.handlers import case_dice
 from msf_monai.training_record import write_training_record
-from msf_monai.tasks.prostate import geometry_settings, spacing_canvas
+from msf_monai.tasks.prostate import canvas_size, geometry_settings, spacing_canvas
 
 
 RADIUS_MM = 15.0
@@ -75,6 +75,10 @@ def test_geometry_settings_and_their_errors(tmp_path):
     with pytest.raises(RuntimeError) as err:  # the config parser wraps the ValueError
         task_transform("prostate", image_size=32, resample="spacing", pixel_spacing=0)
     assert isinstance(err.value.__cause__, ValueError) and "must be positive" in str(err.value.__cause__)
+    # resize has no canvas: its unused pixel_spacing and field_of_view are not checked
+    assert canvas_size(None, 96) == 96 and canvas_size(geometry_settings("spacing", 0.625, 140), 96) == 224
+    pre = task_transform("prostate", image_size=32, resample="resize", pixel_spacing=1, field_of_view=5)
+    assert tuple(pre(dict(_disc_volume(tmp_path, "case", 0.8, 200)))["image"].shape) == (1, 32, 32, 4)
     # a checkpoint's geometry comes from its training record; without one it is 'resize'
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"")

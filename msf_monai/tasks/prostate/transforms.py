@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from monai.transforms import MapTransform
 
-__all__ = ["GEOMETRY_DEFAULTS", "RESAMPLE_MODES", "SelectChanneld", "geometry_settings", "spacing_canvas"]
+__all__ = ["GEOMETRY_DEFAULTS", "RESAMPLE_MODES", "SelectChanneld", "canvas_size", "geometry_settings", "spacing_canvas"]
 
 #: how a volume's in-plane grid becomes ``image_size`` x ``image_size`` (the config's ``resample``)
 RESAMPLE_MODES = ("resize", "spacing")
@@ -98,3 +98,13 @@ def spacing_canvas(pixel_spacing: float = 0.625, field_of_view: float = 140.0) -
         raise ValueError(f"field_of_view {fov:g} mm at pixel_spacing {spacing:g} mm is only {canvas} pixels; "
                          "at least 16 are needed")
     return canvas
+
+
+def canvas_size(geometry: dict | None, image_size: int) -> int:
+    """The square grid (pixels) the preprocessing pads or crops a slice to before sizing it to
+    ``image_size``: the :func:`spacing_canvas` of a ``spacing`` geometry (as
+    :func:`geometry_settings` gives it); ``image_size`` for ``resize``, which has no canvas, so
+    its unused ``pixel_spacing`` and ``field_of_view`` are not checked."""
+    if geometry is None:
+        return int(image_size)
+    return spacing_canvas(geometry["pixel_spacing"], geometry["field_of_view"])
