@@ -51,12 +51,12 @@ TASKS = ("prostate", "fundus")
 #: ids that every task shares and several phases use (e.g. the training augmentation): like a
 #: task's "common" ids (which may replace them), written to a phase only where it refers to them
 SHARED = TEMPLATES / "shared.json"
-_REF = re.compile(r"@([A-Za-z_]\w*)")
+_REF = re.compile(r"[@%]([A-Za-z_]\w*)")
 _LAST = ("initialize", "run")
 
 
 def _references(value) -> set[str]:
-    """Top-level ids referred to (``@id`` or ``@id#sub``) anywhere in ``value``."""
+    """Top-level ids referred to (``@id``, ``@id#sub``, or copied: ``%id#sub``) anywhere in ``value``."""
     if isinstance(value, str):
         return set(_REF.findall(value))
     if isinstance(value, dict):
@@ -64,6 +64,17 @@ def _references(value) -> set[str]:
     if isinstance(value, list):
         return set().union(*(_references(v) for v in value)) if value else set()
     return set()
+
+
+def _section_phases(task: str, key: str) -> list[str]:
+    """The phases a task file's section names (``"phase2, phase3"``); an error naming the file
+    for a name that is no phase (a misspelt section would be left out of every config)."""
+    phases = [p.strip() for p in key.split(",")]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise ValueError(f"{TEMPLATES / f'{task}.json'}: section {key!r} names {', '.join(map(repr, unknown))}, "
+                         f"which is no phase; sections are 'common' or phases among {', '.join(PHASES)}")
+    return phases
 
 
 def render(task: str, phase: str) -> OrderedDict:
@@ -74,7 +85,7 @@ def render(task: str, phase: str) -> OrderedDict:
     common.update(spec.get("common", {}))
     task_ids = OrderedDict((k, v) for k, v in common.items() if k not in base)
     for key, ids in spec.items():  # "<phase>" or several phases: "phase2, phase3"
-        if key != "common" and phase in [p.strip() for p in key.split(",")]:
+        if key != "common" and phase in _section_phases(task, key):
             task_ids.update(ids)
     # keep the task ids that the phase uses, directly or through other task ids
     used, todo = set(), set().union(*(_references(v) for k, v in base.items() if k not in task_ids))

@@ -1,11 +1,12 @@
 """The bundles' configs: generated from bundles/_templates and current, valid metadata, and what their parsed parts do."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from bundle_utils import REPO, copy_bundle, load_script
+from bundle_utils import REPO, copy_bundle, load_script, task_transform
 
 
 def _build_configs():
@@ -35,6 +36,25 @@ def test_phase3_is_phase1_plus_the_method_overrides():
             assert build._references(config) <= set(config), (task, phase, build._references(config) - set(config))
 
 
+def test_task_sections_name_phases_and_ids_copied_with_percent_are_written(tmp_path, monkeypatch):
+    build = _build_configs()
+    templates = tmp_path / "_templates"
+    shutil.copytree(build.TEMPLATES, templates)
+    monkeypatch.setattr(build, "TEMPLATES", templates)
+    monkeypatch.setattr(build, "SHARED", templates / "shared.json")
+    spec = json.loads((templates / "prostate.json").read_text())
+    # an id that a phase reaches only through a % copy is written with the ids that use it
+    spec["common"]["extra_step"] = {"_target_": "Identityd", "keys": "image"}
+    spec["common"]["augmentation_extra"] = "%extra_step"
+    (templates / "prostate.json").write_text(json.dumps(spec))
+    assert build.render("prostate", "phase1")["extra_step"] == {"_target_": "Identityd", "keys": "image"}
+    # a misspelt section would be left out of every config: an error naming the file
+    spec["phase2, phase 3"] = {"epochs": 1}
+    (templates / "prostate.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"prostate.json: section 'phase2, phase 3' names 'phase 3', which is no phase"):
+        build.render("prostate", "phase1")
+
+
 def _expressions(value, where=""):
     """(place, text) of every ``$`` expression in a config value."""
     if isinstance(value, dict):
@@ -54,6 +74,16 @@ def test_configs_read_like_model_zoo_configs():
     config = json.loads((REPO / "bundles" / "prostate" / "configs" / "evaluate.json").read_text())
     targets = [t["_target_"] for t in config["preprocessing"]["transforms"]]
     assert targets[0] == "LoadImaged" and "Spacingd" in targets and targets[-1] == "EnsureTyped"
+
+
+@pytest.mark.parametrize("task, steps", [("prostate", ["LoadImaged", "AsDiscreted", "EnsureTyped"]),
+                                         ("fundus", ["LoadImaged", "FundusMaskToChannelsd", "EnsureTyped"])])
+def test_label_loader_reuses_the_label_steps_of_the_preprocessing(task, steps):
+    """``label_loader`` copies preprocessing steps by position (``%preprocessing#transforms#N``):
+    a step inserted before them must not change what it copies."""
+    loader = task_transform(task, name="label_loader")
+    assert [type(t).__name__ for t in loader.transforms] == steps
+    assert all(tuple(t.keys) == ("label",) for t in loader.transforms)
 
 
 def test_metadata_is_valid_against_the_model_zoo_schema():
