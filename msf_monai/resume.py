@@ -303,7 +303,8 @@ class StyleSamplerStates:
     def __init__(self, network: torch.nn.Module):
         self.network = network
 
-    def _samplers(self) -> dict:
+    def samplers(self) -> dict:
+        """``{layer module name: sampler}`` of the samplers that have a state."""
         found = {}
         for name, module in self.network.named_modules():
             sampler = getattr(module, "style_sampler", None)
@@ -312,10 +313,16 @@ class StyleSamplerStates:
         return found
 
     def state_dict(self) -> dict:
-        return {name: sampler.state_dict() for name, sampler in self._samplers().items()}
+        return {name: sampler.state_dict() for name, sampler in self.samplers().items()}
 
     def load_state_dict(self, states: Mapping) -> None:
-        for name, sampler in self._samplers().items():
+        samplers = self.samplers()
+        fresh = sorted(set(samplers) - set(states))
+        if fresh:  # e.g. a network wrapped or renamed since the state was saved
+            logger.warning("the saved training state has no style pool for %s (it has pools for: %s); resumed with "
+                           "empty pools there, so this run draws other styles than an uninterrupted one would",
+                           ", ".join(fresh), ", ".join(sorted(states)) or "none")
+        for name, sampler in samplers.items():
             if name in states:
                 sampler.load_state_dict(states[name])
 
@@ -407,7 +414,7 @@ class TrainingCheckpointer:
         self._stop_requested = False
         self._objects = {"network": network, "optimizer": optimizer, "rng": RNGStates()}
         samplers = StyleSamplerStates(network)
-        if samplers.state_dict():  # Phase III with style pools; Phase I's state has no such entry
+        if samplers.samplers():  # Phase III with style pools; Phase I's state has no such entry
             self._objects["style_samplers"] = samplers
         if lr_scheduler is not None:
             self._objects["lr_scheduler"] = lr_scheduler

@@ -21,8 +21,8 @@ from msf_monai.bundle import CheckpointLockedError, UnfinishedPhaseError
 from msf_monai.files import atomic_save, file_digest
 from msf_monai.flows import StylePool
 from msf_monai.networks import DualDecoderNet
-from msf_monai.resume import (AtomicFileSaver, PhaseFinishedError, ResumeError, TrainingCheckpointer, check_resume,
-                               load_resume_state, require_finished_run)
+from msf_monai.resume import (AtomicFileSaver, PhaseFinishedError, ResumeError, StyleSamplerStates, TrainingCheckpointer,
+                               check_resume, load_resume_state, require_finished_run)
 from msf_monai.styles import MixStyleFlow
 from training_utils import tiny_loader
 
@@ -340,3 +340,18 @@ def test_the_save_handler_never_leaves_no_file(tmp_path, monkeypatch):
     state = load_resume_state(run / "phase1_model_resume.pt")
     assert state["epoch"] == 1 and not state["finished"]
     assert check_resume(run / "phase1_model_resume.pt", max_epochs=3)["epoch"] == 1
+
+
+def test_style_pools_missing_from_a_saved_state_are_named(caplog):
+    def network():
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 1), MixStyleFlow(style_sampler=StylePool(_RandomStyles(), 2, pool_size=5)))
+
+    saved = StyleSamplerStates(network())
+    assert list(saved.samplers()) == ["1"]
+    state = saved.state_dict()
+    wrapped = StyleSamplerStates(torch.nn.Sequential(network()))  # the same pool under another module name: "0.1"
+    with caplog.at_level(logging.WARNING, logger="msf_monai.resume"):
+        StyleSamplerStates(network()).load_state_dict(state)
+        assert not caplog.records
+        wrapped.load_state_dict(state)
+    assert "no style pool for 0.1 (it has pools for: 1)" in caplog.text
