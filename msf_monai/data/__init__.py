@@ -1,8 +1,9 @@
-"""What every task's data code shares: data-list errors and patient splits (:mod:`.core`), the
-data-check result and its error (:mod:`.validation`), slice datasets (:mod:`.slices`), test
-folders beside the training data (:mod:`.external_sites`), installing a generated demo folder
-(:mod:`.demo_install`) and preparing the public archives (:mod:`.prepare`, imported on use). The
-task-specific lists, transforms, checks and demo generators are in :mod:`msf_monai.tasks`."""
+"""What every task's data code shares: data-list errors, patient splits and image/label pairing
+(:mod:`.core`), the data-check result and its error (:mod:`.validation`), slice datasets
+(:mod:`.slices`), test folders beside the training data (:mod:`.external_sites`), installing a
+generated demo folder (:mod:`.demo_install`), the label as stored for original-geometry Dice
+(:mod:`.original_label`) and preparing the public archives (:mod:`.prepare`, imported on use).
+The task-specific lists, transforms, checks and demo generators are in :mod:`msf_monai.tasks`."""
 
 from . import core, demo_install, external_sites, original_label, slices, validation
 from .core import *  # noqa: F401,F403  (each module lists its public names in __all__)

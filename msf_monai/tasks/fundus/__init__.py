@@ -1,7 +1,7 @@
 """The fundus task (optic disc and cup in colour photographs): data lists for the 5-domain,
 Drishti-GS and image/mask-folder layouts and the label formats ``grey``/``palette``/``mapping``
-(:mod:`.lists`), preprocessing and the mask coding (two channels, disc including cup, and cup;
-:mod:`.transforms`), the image check (:mod:`.checks`) and the synthetic multi-domain demo
+(:mod:`.lists`), the transforms the config's preprocessing list needs beyond MONAI and the mask
+coding (two channels, disc including cup, and cup; :mod:`.transforms`), the image check (:mod:`.checks`) and the synthetic multi-domain demo
 (:mod:`.synthetic`)."""
 
 from . import checks, lists, synthetic, transforms

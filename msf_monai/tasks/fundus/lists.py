@@ -1,7 +1,7 @@
 """Data lists for optic disc / cup segmentation in colour fundus photographs.
 
 Every item is a dict with absolute paths, ready for MONAI ``LoadImaged`` based pipelines
-(see :func:`msf_monai.tasks.fundus.fundus_preprocessing`)::
+(the bundle config's ``preprocessing`` list reads them)::
 
     {"image": str, "label": str, "site": str, "case": str, "split": "train" | "test",
      "label_format": "grey" | "palette" | "mapping"}   (+ "mapping": JSON string)

@@ -21,8 +21,9 @@ Orientation: MONAI's ``PILReader`` swaps the two spatial axes by default
 (``reverse_indexing=True``), so a ``W x H`` PNG is loaded as ``[C, W, H]`` (x first), i.e. the
 arrays are the transposed photograph.  Image and mask are loaded the same way, so they stay
 aligned, and MONAI's PIL writer transposes back when saving; a model simply sees transposed
-(diagonally mirrored) eyes.  Set the config's ``reverse_indexing`` to ``false``
-for ``[C, H, W]`` arrays in display order instead.
+(diagonally mirrored) eyes.  The config's ``reverse_indexing`` id sets both readers in one
+place; leave it at its default: a model is trained and used with one axis order, and the
+inference writer always transposes back.
 """
 
 from __future__ import annotations

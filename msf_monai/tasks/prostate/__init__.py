@@ -1,6 +1,6 @@
 """The prostate MRI task: data lists for the Decathlon, multi-site and image/label-folder
-layouts (:mod:`.lists`), spacing- or resize-based preprocessing that inference can invert
-(:mod:`.transforms`), the volume check run before any work (:mod:`.checks`) and the synthetic
+layouts (:mod:`.lists`), what the config's spacing- or resize-based preprocessing list needs
+beyond MONAI (:mod:`.transforms`), the volume check run before any work (:mod:`.checks`) and the synthetic
 multi-site demo (:mod:`.synthetic`). Label coding: one channel, the whole gland (every label
 value >= 0.5; zonal labels are merged)."""
 
