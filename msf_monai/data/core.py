@@ -23,7 +23,7 @@ __all__ = [
     "is_broken_link",
     "is_visible",
     "natural_key",
-    "pair_by_stem",
+    "pair_by_case",
     "patient_key",
     "same_output_name_problems",
     "split_by_patient",
@@ -87,7 +87,7 @@ def check_root(root) -> Path:
 
 
 
-def pair_by_stem(images: Iterable[tuple[str, Path]], labels: Iterable[tuple[str, Path]], problems: list[str],
+def pair_by_case(images: Iterable[tuple[str, Path]], labels: Iterable[tuple[str, Path]], problems: list[str],
                  missing_label: Callable[[str, Path], str], missing_image: Callable[[str, Path], str],
                  label_word: str = "label", prefer_same_name: bool = False) -> list[tuple[str, Path, Path]]:
     """Pair images and labels given as ``(case, path)``: ``(case, image, label)`` for every case

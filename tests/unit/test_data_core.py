@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from msf_monai.data.core import pair_by_stem
+from msf_monai.data.core import pair_by_case
 
 
 def _pair(images, labels, **kw):
     problems: list[str] = []
-    pairs = pair_by_stem([(Path(p).name.split(".")[0], Path(p)) for p in images],
+    pairs = pair_by_case([(Path(p).name.split(".")[0], Path(p)) for p in images],
                          [(Path(p).name.split(".")[0], Path(p)) for p in labels], problems,
                          lambda case, _: f"no {case}.* in labels/", lambda case, _: f"no {case}.* in images/", **kw)
     return pairs, problems

@@ -51,7 +51,7 @@ from ...data.core import (
     is_broken_link,
     is_visible,
     natural_key,
-    pair_by_stem,
+    pair_by_case,
     same_output_name_problems,
 )
 from ...data.validation import exit_on_data_errors
@@ -167,7 +167,7 @@ def _pair(img_dir: Path, mask_dir: Path, site: str, split: str, label_format: st
           problems: list[str], mapping: str | None = None) -> list[dict]:
     """Pair images and masks of the same stem in two folders; every problem is recorded."""
     items = []
-    pairs = pair_by_stem([(p.stem, p) for p in _files(img_dir)], [(p.stem, p) for p in _files(mask_dir)], problems,
+    pairs = pair_by_case([(p.stem, p) for p in _files(img_dir)], [(p.stem, p) for p in _files(mask_dir)], problems,
                          lambda case, _: f"no {case}.* in {mask_dir}", lambda case, _: f"no {case}.* in {img_dir}",
                          label_word="mask")
     for case, image, mask in pairs:

@@ -39,7 +39,7 @@ from ...data.core import (
     is_broken_link,
     is_visible,
     natural_key,
-    pair_by_stem,
+    pair_by_case,
     same_output_name_problems,
 )
 from ...data.validation import exit_on_data_errors
@@ -165,7 +165,7 @@ def _scan_case_folder(folder: Path, site: str, problems: list[str]) -> tuple[lis
             labels.append((m.group("case"), p))
         else:
             images.append((stem, p))
-    pairs = pair_by_stem(images, labels, problems,
+    pairs = pair_by_case(images, labels, problems,
                          lambda case, p: f"expected {case}_segmentation{_split_ext(p.name)[1]} beside it",
                          lambda case, _: f"no {case}.* beside it")
     items = [_make_item(image, label, site, case, problems) for case, image, label in pairs]
@@ -262,7 +262,7 @@ def _pair_folders(img_dir: Path, lab_dir: Path, site: str, problems: list[str],
     def named(folder):
         return [(_split_ext(p.name)[0], p) for p in _image_files(folder)]
 
-    pairs = pair_by_stem(named(img_dir), named(lab_dir), problems, lambda case, _: f"no {case}.* in {lab_dir}",
+    pairs = pair_by_case(named(img_dir), named(lab_dir), problems, lambda case, _: f"no {case}.* in {lab_dir}",
                          lambda case, _: f"no {case}.* in {img_dir}", prefer_same_name=True)
     return [_make_item(image, label, site, case, problems, channel) for case, image, label in pairs]
 
