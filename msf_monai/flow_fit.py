@@ -189,7 +189,7 @@ def fit_flow(
             flow.eval()
             log.info("flow fit already finished (%d epochs): restored its final weights", int(resume_state["epoch"]))
             return [dict(r) for r in resume_state["history"]]
-        optimiser.load_state_dict(resume_state["optimiser"])
+        optimiser.load_state_dict(detached_cpu_copy(resume_state["optimiser"]))  # a copy: the steps update it in place
         gen.set_state(resume_state["generator"])
         history = [dict(r) for r in resume_state["history"]]
         best_nll = float(resume_state["best_nll"])

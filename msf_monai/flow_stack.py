@@ -5,10 +5,13 @@ Phase II fits two flows per style layer (six for the paper's three layers). Each
 overhead, not arithmetic. :class:`FlowStack` copies flows built by
 :func:`msf_monai.flow_model.build_style_flow` into stacked tensors with a leading flow dimension
 (features and hidden widths zero-padded to the widest flow) and evaluates all of them with
-batched matrix products. The padding is exact: masks keep padded and conditioning features out of
-the likelihood and out of the couplings, so padded weights get zero gradients and AdamW (an
-element-wise update) leaves them at zero. Per flow, the sum of the losses has the flow's own
-gradient, so with the same batches the joint fit takes the same steps as separate fits.
+batched matrix products. The padding is exact: every entry of the stacked weights that belongs
+to no flow weight is zero, so padded features stay zero, conditioning features reach a coupling
+only through their own rows and a coupling's shift and scale are zero outside its transformed
+features, without masking any activation; a gradient hook zeroes the padded entries' gradients,
+so AdamW (an element-wise update) leaves them at zero. Per flow, the sum of the losses has the
+flow's own gradient, so with the same batches the joint fit takes the same steps as separate
+fits.
 
 :func:`fit_flows_jointly` is :func:`msf_monai.flow_fit.fit_flow` for a list of flows: the same
 shuffling (one generator per flow, seeded alike), ActNorm initialisation, per-flow gradient-norm
@@ -68,21 +71,17 @@ class FlowStack(nn.Module):
         self.features = [int(f._distribution._shape[0]) for f in self._flows]
         groups, width = len(self._flows), max(self.features)
         self.width = width
-        fm = torch.zeros(groups, width)
-        for g, c in enumerate(self.features):
-            fm[g, :c] = 1.0
-        self.register_buffer("feature_mask", fm)
         self.register_buffer("num_features", torch.tensor(self.features, dtype=torch.float32))
         self.diagonal_base = bases == {DiagonalNormal}
 
         self._kinds: list[str] = []
         tensors: dict[str, torch.Tensor] = {}  # name -> [G, ...] before flattening
+        real: dict[str, torch.Tensor] = {}  # name -> 1 where the entry belongs to a flow weight, 0 for padding
         log_scales, shifts = [], []  # of the ActNorms: [G, C_max] each
         self._coupling_layers: list[list[int]] = []  # per coupling: ids of its linear layers
         self._index: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per linear: per flow (rows, cols)
         self.clamps: list[float | None] = []
         self.slopes: list[float] = []
-        identity, transform = [], []
         for position in range(len(plans[0])):
             steps = [p[position] for p in plans]
             if isinstance(steps[0], ActNorm):
@@ -97,12 +96,6 @@ class FlowStack(nn.Module):
                 raise ValueError("the flows of a FlowStack must share their scale clamp")
             self._kinds.append("coupling")
             self.clamps.append(clamps.pop())
-            id_mask, tr_mask = torch.zeros(groups, width), torch.zeros(groups, width)
-            for g, s in enumerate(steps):
-                id_mask[g, s.identity_features] = 1.0
-                tr_mask[g, s.transform_features] = 1.0
-            identity.append(id_mask)
-            transform.append(tr_mask)
             linears = [[m for m in s.transform_net.net if isinstance(m, nn.Linear)] for s in steps]
             slopes = {m.negative_slope for s in steps for m in s.transform_net.net if isinstance(m, nn.LeakyReLU)}
             if len({len(ls) for ls in linears}) != 1 or len(slopes) > 1:
@@ -126,27 +119,35 @@ class FlowStack(nn.Module):
                 n_out = 2 * width if k == depth - 1 else max(linears[g][k].out_features for g in range(groups))
                 w = torch.zeros(groups, n_in, n_out)  # stored transposed: a @ w in the forward
                 b = torch.zeros(groups, n_out)
+                w_real, b_real = torch.zeros_like(w), torch.zeros_like(b)
                 for g, (rows, cols) in enumerate(index):
                     w[g][cols[:, None], rows[None, :]] = linears[g][k].weight.detach().cpu().t()
                     b[g][rows] = linears[g][k].bias.detach().cpu()
+                    w_real[g][cols[:, None], rows[None, :]] = 1.0
+                    b_real[g][rows] = 1.0
                 layer = len(self._index)
                 tensors[f"weight{layer}"], tensors[f"bias{layer}"] = w, b
+                real[f"weight{layer}"], real[f"bias{layer}"] = w_real, b_real
                 self._index.append(index)
                 layer_ids.append(layer)
                 n_in = n_out
             self._coupling_layers.append(layer_ids)
-        # all ActNorms in two tensors: their masking, exp and log-determinant are one operation each
+        # all ActNorms in two tensors: their exp and log-determinant are one operation each
         tensors["actnorm_log_scale"] = torch.stack(log_scales, 1) if log_scales else torch.zeros(groups, 0, width)
         tensors["actnorm_shift"] = torch.stack(shifts, 1) if shifts else torch.zeros(groups, 0, width)
+        real_vector = self._pad_vectors([torch.ones(c) for c in self.features])
+        real["actnorm_log_scale"] = real["actnorm_shift"] = real_vector[:, None, :].expand_as(tensors["actnorm_shift"])
         if self.diagonal_base:
             tensors["base_mean"] = self._pad_vectors([f._distribution.mean_.reshape(-1) for f in self._flows])
             tensors["base_log_std"] = self._pad_vectors([f._distribution.log_std_.reshape(-1) for f in self._flows])
+            real["base_mean"] = real["base_log_std"] = real_vector
         # one parameter [G, P], flow g's weights in row g: the optimiser, the per-flow gradient
         # clipping and the early-stopping copy are one operation each instead of one per tensor
         self._layout = [(name, tuple(t.shape[1:]), int(t[0].numel())) for name, t in tensors.items()]
         self.flat = nn.Parameter(torch.cat([t.reshape(groups, -1) for t in tensors.values()], 1))
-        self.register_buffer("identity_masks", torch.stack(identity) if identity else torch.zeros(0, groups, width))
-        self.register_buffer("transform_masks", torch.stack(transform) if transform else torch.zeros(0, groups, width))
+        # padding entries get no gradient, whoever calls backward (not saved: it follows from the flows)
+        self.register_buffer("real_entries", torch.cat([real[name].reshape(groups, -1) for name in tensors], 1), persistent=False)
+        self.flat.register_hook(lambda grad: grad * self.real_entries)
         ref = next(self._flows[0].parameters())
         self.to(device=ref.device, dtype=ref.dtype)
 
@@ -164,39 +165,36 @@ class FlowStack(nn.Module):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density of every flow at its rows: ``x`` ``[G, B, C_max]`` -> ``[G, B]``."""
-        fm = self.feature_mask[:, None, :]
-        logdet = x.new_zeros(x.shape[:2])
-        h = x  # padded features are zero and stay zero (masked scales and shifts)
+        # no activation is masked: the padded entries of the weights are zero (see the module doc)
         t = self.tensors()
-        an_log_scale = t["actnorm_log_scale"].transpose(0, 1) * self.feature_mask  # [A, G, C]
+        an_log_scale = t["actnorm_log_scale"].transpose(0, 1)  # [A, G, C]
         an_scale = torch.exp(an_log_scale)[:, :, None, :]
-        an_shift = (t["actnorm_shift"].transpose(0, 1) * self.feature_mask)[:, :, None, :]
-        logdet = logdet + an_log_scale.sum((0, 2))[:, None]
+        an_shift = t["actnorm_shift"].transpose(0, 1)[:, :, None, :]
+        logdet = an_log_scale.sum((0, 2))[:, None]
+        h = x  # padded features are zero and stay zero
         n_actnorm = n_coupling = 0
         for kind in self._kinds:
             if kind == "actnorm":
-                h = h * an_scale[n_actnorm] + an_shift[n_actnorm]
+                h = torch.addcmul(an_shift[n_actnorm], h, an_scale[n_actnorm])
                 n_actnorm += 1
                 continue
             layer_ids, clamp = self._coupling_layers[n_coupling], self.clamps[n_coupling]
-            transformed = self.transform_masks[n_coupling][:, None, :]
-            a = h * self.identity_masks[n_coupling][:, None, :]
+            a = h  # the first layer's weights read only the conditioning features
             for depth, i in enumerate(layer_ids):
                 a = torch.baddbmm(t[f"bias{i}"][:, None, :], a, t[f"weight{i}"])
                 if depth < len(layer_ids) - 1:
                     a = F.leaky_relu(a, self.slopes[n_coupling])
-            shift, raw = a[..., : self.width], a[..., self.width :]
+            shift, raw = a[..., : self.width], a[..., self.width :]  # both zero outside the transformed features
             log_scale = raw if clamp is None else clamp * torch.tanh(raw / clamp)
-            log_scale, shift = log_scale * transformed, shift * transformed
-            h = h * torch.exp(log_scale) + shift
+            h = torch.addcmul(shift, h, torch.exp(log_scale))
             logdet = logdet + log_scale.sum(-1)
             n_coupling += 1
         if self.diagonal_base:
-            log_std = t["base_log_std"] * self.feature_mask
-            z = (h - (t["base_mean"] * self.feature_mask)[:, None, :]) * torch.exp(-log_std)[:, None, :]
-            base = -0.5 * (z * z * fm).sum(-1) - log_std.sum(-1, keepdim=True)
+            log_std = t["base_log_std"]
+            z = (h - t["base_mean"][:, None, :]) * torch.exp(-log_std)[:, None, :]
+            base = -0.5 * (z * z).sum(-1) - log_std.sum(-1, keepdim=True)
         else:
-            base = -0.5 * (h * h * fm).sum(-1)
+            base = -0.5 * (h * h).sum(-1)
         return base - 0.5 * _LOG_2PI * self.num_features[:, None] + logdet
 
     @torch.no_grad()
@@ -233,6 +231,14 @@ class FlowStack(nn.Module):
         for g, r in enumerate(rows):
             out[g, :, : r.shape[1]] = r
         return out
+
+
+# buffers in the joint-fit states that earlier versions saved: forward-pass masks, no longer used
+_FORMER_BUFFERS = ("feature_mask", "identity_masks", "transform_masks")
+
+
+def _load_stack_state(stack: FlowStack, state: Mapping[str, torch.Tensor]) -> None:
+    stack.load_state_dict({k: v for k, v in state.items() if k not in _FORMER_BUFFERS})
 
 
 def _clip_per_flow(flat: torch.Tensor, max_norm: float | None) -> torch.Tensor:
@@ -306,7 +312,7 @@ def fit_flows_jointly(
     best_state: dict[str, torch.Tensor] | None = None
     first_epoch = 1
     if resume_state is not None:
-        stack.load_state_dict(resume_state["stack"])
+        _load_stack_state(stack, resume_state["stack"])
         histories = [[dict(r) for r in h] for h in resume_state["histories"]]
         if resume_state.get("finished"):
             stack.write_back()
@@ -314,11 +320,12 @@ def fit_flows_jointly(
                 f.eval()
             log.info("the flow fit had finished (%d epochs): restored its final weights", int(resume_state["epoch"]))
             return histories
-        optimiser.load_state_dict(resume_state["optimiser"])
+        optimiser.load_state_dict(detached_cpu_copy(resume_state["optimiser"]))  # a copy: the steps update it in place
         for gen, state in zip(gens, resume_state["generators"]):
             gen.set_state(state)
         best_nll = torch.tensor(resume_state["best_nll"], dtype=torch.float64).float()
-        best_state = resume_state.get("best_state")
+        saved_best = resume_state.get("best_state")  # copied: the fit updates it in place
+        best_state = None if saved_best is None else {k: v.detach().clone() for k, v in saved_best.items()}
         first_epoch = int(resume_state["epoch"]) + 1
         log.info("resuming the joint flow fit after epoch %d of %d", first_epoch - 1, epochs)
 
@@ -338,9 +345,10 @@ def fit_flows_jointly(
     rows = torch.arange(groups, device=device)[:, None]
     for epoch in range(first_epoch, epochs + 1):
         perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)
-        total = torch.zeros(groups, dtype=torch.float64)
+        shuffled = x_all[rows, perms]  # each flow's rows in its own order: the batches are slices
+        total = torch.zeros(groups, dtype=torch.float64, device=device)
         for b, start in enumerate(range(0, n, bs)):
-            batch = x_all[rows, perms[:, start : start + bs]]
+            batch = shuffled[:, start : start + bs]
             losses = -stack.log_prob(batch).mean(1)
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
@@ -354,7 +362,7 @@ def fit_flows_jointly(
                 g = int((~torch.isfinite(norms)).nonzero()[0])
                 raise _diverged(names[g], f"non-finite gradient norm at epoch {epoch}, batch {b} (lr={lr})")
             optimiser.step()
-            total += losses.detach().double().cpu() * batch.shape[1]
+            total.add_(losses.detach(), alpha=batch.shape[1])
         train_nll = (total / n).tolist()
         val_nll = None
         if xv_all is not None:
@@ -381,7 +389,7 @@ def fit_flows_jointly(
         if on_checkpoint is not None and checkpoint_every and epoch % int(checkpoint_every) == 0 and epoch < epochs:
             on_checkpoint(fit_state(epoch))
     if best_state is not None:
-        stack.load_state_dict(best_state)
+        _load_stack_state(stack, best_state)
         kept = [f"{name} {min(h, key=lambda r: r['val_nll'])['epoch']}" for name, h in zip(names, histories)]
         log.info("kept each flow's weights of its epoch of lowest validation NLL: %s", ", ".join(kept))
     stack.write_back()

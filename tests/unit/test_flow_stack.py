@@ -112,6 +112,11 @@ def test_joint_fit_resumes_with_the_same_result():
     assert resumed.fit(stats, resume_state=states[-1], **kw) == history
     for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), name
+    # a state saved by an earlier version also held the forward pass's masks: still resumed alike
+    earlier = copy.deepcopy(states[-1])
+    for part in (earlier["joint"]["stack"], earlier["joint"]["best_state"]):
+        part.update(feature_mask=torch.ones(6, 8), identity_masks=torch.ones(2, 6, 8), transform_masks=torch.ones(2, 6, 8))
+    assert StyleFlowBank({2: 8, 3: 5, 4: 4}, num_blocks=2).fit(stats, resume_state=earlier, **kw) == history
     # a finished state only restores the final weights
     final = []
     copy.deepcopy(fresh).fit(stats, on_checkpoint=final.append, **kw)
