@@ -34,7 +34,8 @@ def test_pipeline_cost_sums_the_recipe_logs_and_reads_the_dice(tmp_path, capsys)
         _log(run / "logs" / "style_flows.log", 10)
         _log(run / "logs" / "phase3_x.log", 200 + 20 * seed)
         for label, dice in (("Baseline", dice_base), ("MSF", dice_msf)):
-            summary = {"channels": ["prostate"], "sites": {"SiteB": {"n": 3, "prostate": {"mean": dice}}}, "cases": []}
+            summary = {"channels": ["prostate"], "split": {"source_site": "SiteA"}, "cases": [],
+                       "sites": {"SiteA": {"n": 2, "prostate": {"mean": 0.9}}, "SiteB": {"n": 3, "prostate": {"mean": dice}}}}
             (run / "eval" / "per_case").mkdir(parents=True, exist_ok=True)
             (run / "eval" / "per_case" / f"{label}_summary.json").write_text(json.dumps(summary))
     rows = pipeline_cost.main(str(tmp_path), {"Baseline": ["phase1"], "MSF": ["phase1", "style_flows", "phase3_x"], "Other": ["phase1"]})
@@ -44,6 +45,32 @@ def test_pipeline_cost_sums_the_recipe_logs_and_reads_the_dice(tmp_path, capsys)
     assert msf["seconds"] == pytest.approx((100.5 + 10.5 + 200.5 + 100.5 + 10.5 + 220.5) / 2)  # median of the two seeds' sums
     out = capsys.readouterr().out
     assert "Other: no finished seed" in out and "| MSF | 2 | 72.0 ± 2.0 | 5.4 min | 3.20 |" in out
+    assert "| recipe | seeds | SiteB Dice |" in out  # "unseen": every site but the source
+
+
+def test_pipeline_cost_averages_several_unseen_sites_and_names_a_missing_one(tmp_path, capsys):
+    run = tmp_path / "seed0"
+    _log(run / "logs" / "phase1.log", 60)
+    sites = {"SiteA": 0.9, "SiteB": 0.6, "SiteC": 0.7, "SiteD": 0.8}
+    summary = {"channels": ["prostate"], "split": {"source_site": "SiteA"}, "cases": [],
+               "sites": {k: {"n": 1, "prostate": {"mean": v}} for k, v in sites.items()}}
+    (run / "eval" / "per_case").mkdir(parents=True)
+    (run / "eval" / "per_case" / "Baseline_summary.json").write_text(json.dumps(summary))
+    (row,) = pipeline_cost.main(str(tmp_path), {"Baseline": ["phase1"]})
+    assert row["dice_mean"] == pytest.approx(70.0)  # the mean of B, C and D: the source is left out
+    assert "| SiteB, SiteC, SiteD Dice |" in capsys.readouterr().out
+    (row,) = pipeline_cost.main(str(tmp_path), {"Baseline": ["phase1"]}, site="SiteB,SiteD")
+    assert row["dice_mean"] == pytest.approx(70.0)
+    (row,) = pipeline_cost.main(str(tmp_path), {"Baseline": ["phase1"]}, site=("SiteC",))
+    assert row["dice_mean"] == pytest.approx(70.0)
+    (row,) = pipeline_cost.main(str(tmp_path), {"Baseline": ["phase1"]}, site="SiteA")
+    assert row["dice_mean"] == pytest.approx(90.0)
+    with pytest.raises(SystemExit, match=r"Baseline_summary.json: no site \['SiteE'\]"):
+        pipeline_cost.main(str(tmp_path), {"Baseline": ["phase1"]}, site="SiteB,SiteE")
+    del summary["split"]
+    (run / "eval" / "per_case" / "Baseline_summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="does not name its source site"):
+        pipeline_cost.main(str(tmp_path), {"Baseline": ["phase1"]})
 
 
 # ---------------------------------------------------------------------------------------------
