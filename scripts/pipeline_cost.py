@@ -112,4 +112,4 @@ def main(work_dir: str, recipes: dict, site="unseen", channel: str | None = None
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(main, serialize=lambda rows: None)  # the table is printed; the rows are for callers
