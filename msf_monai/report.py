@@ -195,14 +195,28 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2.0 * sum(comb(n, i) for i in range(k + 1)) / 2.0**n)
 
 
+def _cases(summary: Mapping, sites: Sequence[str], channel: str) -> dict[tuple[str, str], float]:
+    """Dice per (site, case) of the given sites in one summary (one seed)."""
+    return {(c["site"], c["case"]): float(c[channel]) for c in summary.get("cases", [])
+            if c["site"] in sites and c.get(channel) is not None}
+
+
 def _per_case(summaries: Sequence[Mapping], sites: Sequence[str], channel: str) -> dict[tuple[str, str], float]:
     """Dice per (site, case) of the given sites, averaged over the summaries (seeds) that have it."""
     values: dict[tuple[str, str], list[float]] = {}
     for s in summaries:
-        for case in s.get("cases", []):
-            if case["site"] in sites and case.get(channel) is not None:
-                values.setdefault((case["site"], case["case"]), []).append(float(case[channel]))
+        for key, value in _cases(s, sites, channel).items():
+            values.setdefault(key, []).append(value)
     return {k: float(np.mean(v)) for k, v in values.items()}
+
+
+def _better(values: Mapping, reference: Mapping) -> tuple[str, str]:
+    """"wins / compared" over the keys both have, and the sign test's p-value (ties left out)."""
+    common = set(values) & set(reference)
+    wins = sum(values[k] > reference[k] for k in common)
+    losses = sum(values[k] < reference[k] for k in common)
+    p = sign_test(wins, losses)
+    return f"{wins} / {len(common)}", f"{p:.3f}" if p >= 0.001 else "< 0.001"
 
 
 _PERTURBATION_COLUMNS = ("image_change", "blur")
@@ -213,15 +227,20 @@ def ablation_table(
     perturbations: Mapping[str, Sequence[Mapping[str, float]]] | None = None,
     seeds: Mapping[str, Sequence[int]] | None = None,
 ) -> str:
-    """Markdown ablation table: per row (arm), Dice % on the source validation cases and on the
-    unseen domains as mean ± std over seeds, the number of seeds, how many unseen cases are
-    better than in the **first** row (each case's Dice averaged over the seeds both rows have)
-    with a two-sided sign-test p-value (``seeds``: the seed of each summary of a row, so that
-    the comparison uses the same seeds; without it the rows' summaries count as the same
-    seeds in order), and how strong the arm's perturbation was (means of
-    the Phase III perturbation logs over seeds: the stylized batch's relative distance from
-    its un-stylized counterpart, the decoder's blur, and the mean statistics shift of the style
-    layers in units of the real statistics' spread)."""
+    """Markdown ablation table, one row per arm, compared with the **first** row.
+
+    Columns: the number of seeds; Dice % on the source validation cases; on the unseen domains
+    as the mean of the per-domain means (the unseen mean of the other tables) and pooled over
+    every unseen case (each seed's mean over the cases; the two differ when the unseen domains
+    have different numbers of cases, e.g. one site split into groups), both mean ± std over
+    seeds; how many unseen cases are better than in the first row, each case's Dice averaged
+    over the seeds both rows have, and how many case-seed pairs are better (the same case and
+    seed in both rows), each with a two-sided sign-test p-value (ties left out); and how strong
+    the arm's perturbation was (means of the Phase III perturbation logs over seeds: the
+    stylized batch's relative distance from its un-stylized counterpart, the decoder's blur,
+    and the mean statistics shift of the style layers in units of the real statistics' spread).
+    ``seeds``: the seed of each summary of a row, so that the comparisons use the same seeds;
+    without it the rows' summaries count as the same seeds in order."""
     loaded = {k: [v if isinstance(v, Mapping) else load_summary(v) for v in runs] for k, runs in results.items()}
     table = dg_table(loaded, source_site=source_site, channel=channel)
     ch = table.channels[0]
@@ -229,9 +248,18 @@ def ablation_table(
     rows = list(loaded)
     reference = rows[0]
     seed_of = {row: list(seeds[row]) if seeds and row in seeds else list(range(len(loaded[row]))) for row in rows}
-    head = (f"| arm | seeds | {source_site} (source val.) | unseen ({', '.join(unseen)}) | unseen cases better than "
-            f"{reference} (same seeds) | sign test p | image change | blur | style shift |")
-    lines = [head, "|" + "---|" * 9]
+    by_seed = {row: dict(zip(seed_of[row], loaded[row])) for row in rows}
+    n_cases = len(_per_case([s for runs in loaded.values() for s in runs], unseen, ch))
+    head = (f"| arm | seeds | {source_site} (source val.) | unseen ({', '.join(unseen)}): mean of sites | "
+            f"unseen: pooled over {n_cases} cases | cases better than {reference} (same seeds) | sign test p | "
+            "case-seed pairs better | sign test p | image change | blur | style shift |")
+    lines = [head, "|" + "---|" * 12]
+
+    def spread(values: Sequence[float]) -> str:
+        if not values:
+            return "-"
+        return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}" if len(values) > 1 else f"{100 * values[0]:.1f}"
+
     for row in rows:
         n = table.n_runs[row]
 
@@ -241,16 +269,16 @@ def ablation_table(
             m, sd = 100 * table.mean[row][domain][0], 100 * table.std[row][domain][0]
             return f"{m:.1f} ± {sd:.1f}" if n > 1 else f"{m:.1f}"
 
+        pooled = spread([float(np.mean(list(c.values()))) for c in (_cases(s, unseen, ch) for s in loaded[row]) if c])
         if row == reference:
-            better, p = "–", "–"
+            better = ["–"] * 4
         else:
-            shared = set(seed_of[row]) & set(seed_of[reference])
-            cases = _per_case([s for s, k in zip(loaded[row], seed_of[row]) if k in shared], unseen, ch)
-            ref_cases = _per_case([s for s, k in zip(loaded[reference], seed_of[reference]) if k in shared], unseen, ch)
-            common = sorted(set(cases) & set(ref_cases))
-            wins = sum(cases[c] > ref_cases[c] for c in common)
-            losses = sum(cases[c] < ref_cases[c] for c in common)
-            better, p = f"{wins} / {len(common)}", f"{sign_test(wins, losses):.3f}"
+            shared = [k for k in by_seed[row] if k in by_seed[reference]]
+            cases = _per_case([by_seed[row][k] for k in shared], unseen, ch)
+            ref_cases = _per_case([by_seed[reference][k] for k in shared], unseen, ch)
+            pairs = {(k, c): v for k in shared for c, v in _cases(by_seed[row][k], unseen, ch).items()}
+            ref_pairs = {(k, c): v for k in shared for c, v in _cases(by_seed[reference][k], unseen, ch).items()}
+            better = [*_better(cases, ref_cases), *_better(pairs, ref_pairs)]
         runs = [r for r in (perturbations or {}).get(row, []) if r]
         pert = []
         for key in _PERTURBATION_COLUMNS:
@@ -259,7 +287,8 @@ def ablation_table(
         shifts = [np.mean([v for k, v in r.items() if k.endswith(("_mean", "_std"))]) for r in runs
                   if any(k.endswith(("_mean", "_std")) for k in r)]
         pert.append(f"{np.mean(shifts):.2f}" if shifts else "-")
-        lines.append(f"| {row} | {n} | {cell(source_site)} | {cell(UNSEEN_MEAN)} | {better} | {p} | " + " | ".join(pert) + " |")
+        cells = [row, str(n), cell(source_site), cell(UNSEEN_MEAN), pooled, *better, *pert]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
