@@ -211,7 +211,7 @@ def _per_case(summaries: Sequence[Mapping], sites: Sequence[str], channel: str) 
 
 
 def _better(values: Mapping, reference: Mapping) -> tuple[str, str]:
-    """"wins / compared" over the keys both have, and the sign test's p-value (ties left out)."""
+    """The wins as "WINS / COMPARED" over the keys both have, and the sign test's p-value (ties left out)."""
     common = set(values) & set(reference)
     wins = sum(values[k] > reference[k] for k in common)
     losses = sum(values[k] < reference[k] for k in common)
