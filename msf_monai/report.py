@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DGTable", "ablation_table", "dg_table", "load_summary", "sign_test", "summary_table"]
+__all__ = ["DGTable", "ablation_table", "case_table", "dg_table", "load_summary", "sign_test", "summary_table"]
 
 UNSEEN_MEAN = "unseen mean"
 
@@ -211,8 +211,11 @@ def _per_case(summaries: Sequence[Mapping], sites: Sequence[str], channel: str) 
 
 
 def _better(values: Mapping, reference: Mapping) -> tuple[str, str]:
-    """The wins as "WINS / COMPARED" over the keys both have, and the sign test's p-value (ties left out)."""
+    """The wins as "WINS / COMPARED" over the keys both have (ties count as compared, not as
+    wins) and the sign test's p-value (ties left out); "–" for both when no key is shared."""
     common = set(values) & set(reference)
+    if not common:
+        return "–", "–"
     wins = sum(values[k] > reference[k] for k in common)
     losses = sum(values[k] < reference[k] for k in common)
     p = sign_test(wins, losses)
@@ -233,14 +236,15 @@ def ablation_table(
     as the mean of the per-domain means (the unseen mean of the other tables) and pooled over
     every unseen case (each seed's mean over the cases; the two differ when the unseen domains
     have different numbers of cases, e.g. one site split into groups), both mean ± std over
-    seeds; how many unseen cases are better than in the first row, each case's Dice averaged
+    seeds, and the pooled value of each seed in seed order; how many unseen cases are better than in the first row, each case's Dice averaged
     over the seeds both rows have, and how many case-seed pairs are better (the same case and
     seed in both rows), each with a two-sided sign-test p-value (ties left out); and how strong
     the arm's perturbation was (means of the Phase III perturbation logs over seeds: the
     stylized batch's relative distance from its un-stylized counterpart, the decoder's blur,
     and the mean statistics shift of the style layers in units of the real statistics' spread).
     ``seeds``: the seed of each summary of a row, so that the comparisons use the same seeds;
-    without it the rows' summaries count as the same seeds in order."""
+    without it the rows' summaries count as the same seeds in order. The header's case count
+    is every unseen case of any row; a row pools the cases its own summaries have."""
     loaded = {k: [v if isinstance(v, Mapping) else load_summary(v) for v in runs] for k, runs in results.items()}
     table = dg_table(loaded, source_site=source_site, channel=channel)
     ch = table.channels[0]
@@ -248,12 +252,16 @@ def ablation_table(
     rows = list(loaded)
     reference = rows[0]
     seed_of = {row: list(seeds[row]) if seeds and row in seeds else list(range(len(loaded[row]))) for row in rows}
+    for row in rows:
+        if len(seed_of[row]) != len(loaded[row]) or len(set(seed_of[row])) != len(seed_of[row]):
+            raise ValueError(f"ablation row {row!r}: {len(loaded[row])} summaries but seeds {seed_of[row]} "
+                             "(give one distinct seed per summary)")
     by_seed = {row: dict(zip(seed_of[row], loaded[row])) for row in rows}
     n_cases = len(_per_case([s for runs in loaded.values() for s in runs], unseen, ch))
     head = (f"| arm | seeds | {source_site} (source val.) | unseen ({', '.join(unseen)}): mean of sites | "
-            f"unseen: pooled over {n_cases} cases | cases better than {reference} (same seeds) | sign test p | "
-            "case-seed pairs better | sign test p | image change | blur | style shift |")
-    lines = [head, "|" + "---|" * 12]
+            f"unseen: pooled over {n_cases} cases | pooled, per seed | cases better than {reference} (same seeds) | "
+            "sign test p | case-seed pairs better | sign test p | image change | blur | style shift |")
+    lines = [head, "|" + "---|" * 13]
 
     def spread(values: Sequence[float]) -> str:
         if not values:
@@ -269,7 +277,10 @@ def ablation_table(
             m, sd = 100 * table.mean[row][domain][0], 100 * table.std[row][domain][0]
             return f"{m:.1f} ± {sd:.1f}" if n > 1 else f"{m:.1f}"
 
-        pooled = spread([float(np.mean(list(c.values()))) for c in (_cases(s, unseen, ch) for s in loaded[row]) if c])
+        per_seed = {k: float(np.mean(list(c.values()))) for k, c in
+                    ((k, _cases(s, unseen, ch)) for k, s in by_seed[row].items()) if c}
+        pooled = spread(list(per_seed.values()))
+        seed_cell = " / ".join(f"{100 * per_seed[k]:.1f}" for k in sorted(per_seed)) if len(per_seed) > 1 else "-"
         if row == reference:
             better = ["–"] * 4
         else:
@@ -287,8 +298,37 @@ def ablation_table(
         shifts = [np.mean([v for k, v in r.items() if k.endswith(("_mean", "_std"))]) for r in runs
                   if any(k.endswith(("_mean", "_std")) for k in r)]
         pert.append(f"{np.mean(shifts):.2f}" if shifts else "-")
-        cells = [row, str(n), cell(source_site), cell(UNSEEN_MEAN), pooled, *better, *pert]
+        cells = [row, str(n), cell(source_site), cell(UNSEEN_MEAN), pooled, seed_cell, *better, *pert]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def case_table(
+    results: Mapping[str, Sequence[str | Path | Mapping]], source_site: str | None = None, channel: str | None = None,
+) -> str:
+    """Markdown table of each unseen case's Dice %, averaged over each row's summaries (seeds):
+    one line per case, one column per row (arm), and the number of seeds that have the case
+    when it is not the same for every arm and case. It shows which cases make a difference in
+    the means."""
+    loaded = {k: [v if isinstance(v, Mapping) else load_summary(v) for v in runs] for k, runs in results.items()}
+    ch = dg_table(loaded, source_site=source_site, channel=channel).channels[0]
+    sites = sorted({c["site"] for runs in loaded.values() for s in runs for c in s.get("cases", [])} - {source_site})
+    counts = {row: {} for row in loaded}
+    for row, runs in loaded.items():
+        for s in runs:
+            for key in _cases(s, sites, ch):
+                counts[row][key] = counts[row].get(key, 0) + 1
+    means = {row: _per_case(runs, sites, ch) for row, runs in loaded.items()}
+    cases = sorted(set().union(*(set(m) for m in means.values())))
+    uneven = len({counts[row].get(key, 0) for row in loaded for key in cases}) > 1
+    lines = ["| site | case | " + " | ".join(loaded) + " |", "|" + "---|" * (len(loaded) + 2)]
+    for key in cases:
+        cells = []
+        for row in loaded:
+            value = f"{100 * means[row][key]:.1f}" if key in means[row] else "-"
+            n = counts[row].get(key, 0)
+            cells.append(f"{value} ({n} seed{'s' if n != 1 else ''})" if uneven and key in means[row] else value)
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -6,8 +6,9 @@ MixStyleFlow arms run Phase II once per seed for each kind of flows they need, t
 the others run ``phase3.json --style_method NAME``), each selecting its checkpoint on the source
 validation split only; evaluates every checkpoint on every domain (``evaluate.json``); then
 writes the table (``dg_table.md``/``.csv``/``.png``, mean ± std over seeds), the ablation table
-(``ablation.md``: unseen Dice over seeds, patients better than the first arm with a paired sign
-test, and how strong each arm's perturbation was), a stylized-image gallery (first seed) and
+(``ablation.md``: unseen Dice over seeds, per site and pooled over the cases, the cases and the
+case-seed pairs better than the first arm with paired sign tests, how strong each arm's
+perturbation was, and each unseen case's Dice per arm), a stylized-image gallery (first seed) and
 ``benchmark.json`` (commands, timings) to ``--work_dir``.
 
     python scripts/benchmark_dg.py prostate --methods none,mixstyle,dsu,mixstyleflow \\
@@ -223,7 +224,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         overrides: other config ids for every run (``--dataset_dir``, ``--epochs``, ``--image_size``, ...).
     """
     from msf_monai.cli import as_bool
-    from msf_monai.report import ablation_table, load_summary, protocol_text
+    from msf_monai.report import ablation_table, case_table, load_summary, protocol_text
 
     gallery, reuse, train = as_bool(gallery, "--gallery"), as_bool(reuse, "--reuse"), as_bool(train, "--train")
     reuse = reuse or not train
@@ -271,6 +272,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
             return
         print(write_table(done, work, source, f"{root.name}: Dice per domain ({n_seeds} seed(s))"), flush=True)
         table = ablation_table(done, source_site=source, perturbations=perturbations, seeds=seeds_of)
+        table += "\n\nUnseen Dice per case, mean over each arm's seeds:\n\n" + case_table(done, source_site=source)
         table += "\n\n" + protocol_text([load_summary(p) for v in done.values() for p in v])
         (work / "ablation.md").write_text(table + "\n")
         print(table, flush=True)

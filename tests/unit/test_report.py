@@ -68,25 +68,32 @@ def test_sign_test_and_ablation_table():
     assert sign_test(5, 5) == 1.0
     assert sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
 
-    base = [_summary([0.5, 0.6, 0.7]), _summary([0.5, 0.6, 0.7])]
-    better = [_summary([0.6, 0.7, 0.6]), _summary([0.6, 0.7, 0.9])]
+    base = [_summary([0.5, 0.6, 0.7]), _summary([0.7, 0.8, 0.5])]
+    better = [_summary([0.6, 0.7, 0.6]), _summary([0.8, 0.9, 0.7])]
     text = ablation_table({"base": base, "new": better}, source_site="A",
                           perturbations={"new": [{"image_change": 0.2, "blur": 0.1, "dec2_mean": 1.0, "dec2_std": 3.0}]})
     assert "pooled over 3 cases" in text.splitlines()[0]
     cells = _row(text, "new")
-    assert cells[1] == "2" and cells[3] == "68.3 ± 5.0" and cells[4] == "68.3 ± 5.0"  # one unseen site: both means agree
-    assert cells[5] == "3 / 3" and cells[6] == f"{sign_test(3, 0):.3f}"  # cases, Dice averaged over the seeds
-    assert cells[7] == "5 / 6" and cells[8] == f"{sign_test(5, 1):.3f}"  # case-seed pairs: seed 0's c2 is worse
-    assert cells[9:] == ["0.20", "0.10", "2.00"]
-    assert _row(text, "base")[5:9] == ["–"] * 4
-    # with seeds: only the seeds both rows have are compared (seed 1 of "new" alone: 3 of 3 better)
+    assert cells[1] == "2" and cells[3] == "71.7 ± 8.3" and cells[4] == "71.7 ± 8.3"  # one unseen site: both means agree
+    assert cells[6] == "3 / 3" and cells[7] == f"{sign_test(3, 0):.3f}"  # cases, Dice averaged over the seeds
+    assert cells[8] == "5 / 6" and cells[9] == f"{sign_test(5, 1):.3f}"  # case-seed pairs: seed 0's c2 is worse
+    assert cells[5] == "63.3 / 80.0"  # the pooled value of each seed
+    assert cells[10:] == ["0.20", "0.10", "2.00"]
+    assert _row(text, "base")[6:10] == ["–"] * 4
+    # with seeds, each summary is compared with the reference's summary of the same seed: "new"
+    # seed 1 beats base seed 1 in 3 of 3 cases; paired with base seed 0 instead it would be 2 of 3
     text = ablation_table({"base": base, "new": better[1:]}, source_site="A", seeds={"base": [0, 1], "new": [1]})
-    assert _row(text, "new")[5] == "3 / 3" and _row(text, "new")[7] == "3 / 3"
-    worse = [_summary([0.4, 0.7, 0.6])]
+    assert _row(text, "new")[6] == "3 / 3" and _row(text, "new")[8] == "3 / 3"
+    worse = [_summary([0.6, 0.9, 0.4])]  # against base seed 1: 1 of 3 better (against seed 0: 2 of 3)
     text = ablation_table({"base": base, "new": worse}, source_site="A", seeds={"base": [0, 1], "new": [1]})
-    assert _row(text, "new")[5] == "1 / 3"
+    assert _row(text, "new")[6] == "1 / 3" and _row(text, "new")[8] == "1 / 3"
+    # no shared seed: nothing is compared, which is not a null result
+    text = ablation_table({"base": base, "new": worse}, source_site="A", seeds={"base": [0, 1], "new": [2]})
+    assert _row(text, "new")[6:10] == ["–"] * 4
+    with pytest.raises(ValueError, match="one distinct seed per summary"):
+        ablation_table({"base": base, "new": better}, source_site="A", seeds={"base": [0, 0], "new": [0, 1]})
     many = ablation_table({"base": [_summary([0.5] * 12)], "new": [_summary([0.6] * 12)]}, source_site="A")
-    assert _row(many, "new")[5:7] == ["12 / 12", "< 0.001"]  # p = 2 / 4096
+    assert _row(many, "new")[5] == "-" and _row(many, "new")[6:8] == ["12 / 12", "< 0.001"]  # p = 2 / 4096
 
 
 def test_ablation_table_pools_unseen_cases_of_unequal_sites():
@@ -98,4 +105,25 @@ def test_ablation_table_pools_unseen_cases_of_unequal_sites():
     cells = _row(text, "base")
     assert cells[3] == "65.0 ± 5.0"  # (0.4 + 0.8) / 2 and (0.6 + 0.8) / 2
     assert cells[4] == "72.5 ± 2.5"  # (0.4 + 2.4) / 4 and (0.6 + 2.4) / 4
-    assert _row(text, "same")[5:9] == ["0 / 4", "1.000", "0 / 8", "1.000"]  # all ties
+    assert _row(text, "same")[6:10] == ["0 / 4", "1.000", "0 / 8", "1.000"]  # all ties
+    # a case missing from one arm's seed is left out of that seed's pairs and its pooled mean
+    gap = [_summary([0.5], [0.9, 0.9]), _summary([0.7], [0.9, 0.9, 0.9])]
+    text = ablation_table({"base": runs, "gap": gap}, source_site="A")
+    assert _row(text, "gap")[4:6] == ["80.8 ± 4.2", "76.7 / 85.0"]  # (0.5 + 1.8) / 3 and (0.7 + 2.7) / 4
+    assert _row(text, "gap")[6] == "4 / 4" and _row(text, "gap")[8] == "7 / 7"  # 8 pairs less the missing one
+
+
+def test_case_table_gives_each_unseen_case_per_arm():
+    """One line per unseen case (the source site left out), its Dice averaged over each arm's
+    seeds; the seed counts appear only when they differ."""
+    from msf_monai.report import case_table
+
+    base = [_summary([0.4, 0.6], [0.8]), _summary([0.6, 0.8], [0.8])]
+    new = [_summary([0.5, 0.9], [0.7])]
+    text = case_table({"base": base, "new": new}, source_site="A")
+    lines = text.splitlines()
+    assert lines[0] == "| site | case | base | new |" and len(lines) == 2 + 3
+    assert "| B | c0 | 50.0 (2 seeds) | 50.0 (1 seed) |" in lines and "| C | d0 | 80.0 (2 seeds) | 70.0 (1 seed) |" in lines
+    assert not any("| A |" in line for line in lines)
+    even = case_table({"base": base, "new": base}, source_site="A")
+    assert "| B | c1 | 70.0 | 70.0 |" in even.splitlines()
