@@ -8,6 +8,9 @@
   network again; four loss terms, one optimizer step. Two ways to stylize:
   :class:`MixStyleFlowIteration` (Phase III: styles sampled from the fitted flows, no gradient)
   and :class:`MaxStyleIteration` (MaxStyle: style parameters optimised adversarially).
+* :class:`StylizerIteration` - MixStyleFlow as an augmentation for any network: a frozen
+  Phase I network with its MixStyleFlow layers makes the stylized batch, and the trained
+  network (e.g. a plain MONAI ``UNet``) learns from the clean and the stylized batch.
 
 They follow ``SupervisedTrainer._iteration``: they honour ``engine.amp`` and ``engine.compile``
 (the network MONAI compiled; MetaTensors become plain tensors first), refuse
@@ -37,6 +40,7 @@ __all__ = [
     "StylizedBatchIteration",
     "MixStyleFlowIteration",
     "MaxStyleIteration",
+    "StylizerIteration",
 ]
 
 
@@ -374,3 +378,86 @@ class MaxStyleIteration(StylizedBatchIteration):
         finally:
             for layer in layers:
                 layer.reset()
+
+
+class StylizerIteration(StylizedBatchIteration):
+    """MixStyleFlow as an augmentation for any segmentation network (new; neither the paper nor
+    its code has it).
+
+    A frozen *stylizer* -- the Phase I dual-decoder network with MixStyleFlow layers sampling
+    from the flows Phase II fitted on that very network's channels -- makes the stylized batch
+    (as :class:`MixStyleFlowIteration`, composed by ``stylize_mode``); the trained network,
+    which may be a plain MONAI ``UNet`` without an image decoder, learns from both batches:
+    ``seg(clean) [+ rec(clean)] + stylized_weight * (seg(stylized) [+ rec(stylized)])`` (the
+    reconstruction terms only when the trained network returns a reconstruction).
+
+    Why: the styles are made by a network whose decoder is sharp from the first step and whose
+    channels are the ones the flows were fitted on, and the segmenter can be whatever
+    network segments best. The stylizer is never trained: no parameter of it gets a gradient
+    and its batch-norm running statistics stay as Phase I left them.
+
+    Args:
+        stylizer: the frozen network (``encode`` and ``reconstruct(z, stylize=True)``, with
+            MixStyleFlow layers in ``image_decoder_styles``); see
+            :meth:`msf_monai.methods.DGMethod.stylizer`.
+        stylizer_noise_std: the input noise of the stylizer's encoding: Phase I's denoising noise,
+            the regime its flows were fitted in (Phase II ``stats_regime train``).
+        stylizer_regime: ``"train"`` (batch statistics, running statistics unchanged) or
+            ``"eval"`` (running statistics): Phase II's ``stats_regime`` of the flows.
+        noise_std, rec_weight: of the trained network's own input and reconstruction (0 for a
+            segmentation-only network).
+        stylized_weight, stylized_bn, stylize_mode, seg_weight, rec_loss: as
+            :class:`StylizedBatchIteration`.
+    """
+
+    def __init__(self, stylizer: nn.Module, stylizer_noise_std: float = 0.05, stylizer_regime: str = "train", **kwargs):
+        super().__init__(**kwargs)
+        if not hasattr(stylizer, "image_decoder_styles") or len(stylizer.image_decoder_styles) == 0:
+            raise ValueError("the stylizer needs MixStyleFlow layers in image_decoder_styles")
+        if stylizer_regime not in ("train", "eval"):
+            raise ValueError(f"stylizer_regime must be 'train' or 'eval', got {stylizer_regime!r}")
+        self.stylizer = stylizer.requires_grad_(False)
+        self.stylizer_noise_std, self.stylizer_regime = float(stylizer_noise_std), stylizer_regime
+
+    def stylize(self, engine, z: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, rec: torch.Tensor | None = None) -> torch.Tensor:
+        """The stylized batch from the stylizer's latent code ``z`` and clean decoding ``rec``."""
+        with torch.no_grad():
+            return self.compose(self.stylizer.reconstruct(z, stylize=True), inputs, rec)
+
+    def _stylizer_mode(self) -> None:
+        self.stylizer.train()  # the style layers act in training mode only
+        if self.stylizer_regime == "eval":
+            for m in _batchnorms(self.stylizer):
+                m.eval()
+
+    def forward_backward(self, engine, inputs: torch.Tensor, targets: torch.Tensor, backward) -> dict[str, torch.Tensor]:
+        net = engine.network
+        out = net(add_image_noise(inputs, self.noise_std))
+        seg, rec = out if isinstance(out, (tuple, list)) else (out, None)
+        terms = {"seg_loss": engine.loss_function(seg, targets).mean()}
+        clean = self.seg_weight * terms["seg_loss"]
+        if rec is not None:
+            terms["rec_loss"] = self.rec_loss(rec, inputs)
+            clean = clean + self.rec_weight * terms["rec_loss"]
+        backward(clean)  # as StylizedBatchIteration: the two passes' activations never coexist
+        self._stylizer_mode()
+        with torch.no_grad(), frozen_batchnorm_statistics(self.stylizer):
+            z = self.stylizer.encode(add_image_noise(inputs, self.stylizer_noise_std))
+            plain = self.stylizer.reconstruct(z)
+            stylized = self.stylize(engine, z, inputs, targets, plain).detach()
+        engine.state.perturbation = self.measure(self.stylizer, stylized, inputs, plain)
+        with self._bn_context(net, affine=True):
+            out_s = net(stylized)
+            seg_s, rec_s = out_s if isinstance(out_s, (tuple, list)) else (out_s, None)
+            engine.state.output[Keys.PRED] = seg
+            engine.state.output["stylized"] = stylized
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            terms["seg_loss_stylized"] = engine.loss_function(seg_s, targets).mean()
+            styled = self.seg_weight * terms["seg_loss_stylized"]
+            if rec_s is not None:
+                terms["rec_loss_stylized"] = self.rec_loss(rec_s, inputs)
+                styled = styled + self.rec_weight * terms["rec_loss_stylized"]
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            backward(self.stylized_weight * styled)
+        terms[Keys.LOSS] = clean.detach() + self.stylized_weight * styled.detach()
+        return terms

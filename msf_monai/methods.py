@@ -27,6 +27,11 @@ stem then four down blocks; image-decoder layers 1..4, see :mod:`msf_monai.netwo
 * ``unet``: no style augmentation, and a plain MONAI ``UNet`` instead of the dual-decoder
   network (the reference a user would train instead; see
   :func:`msf_monai.networks.reference_unet`): no input noise, no reconstruction.
+* ``unet_mixstyleflow`` (new, not in the paper): MixStyleFlow as an augmentation for that plain
+  MONAI ``UNet``. The frozen Phase I network, with MixStyleFlow layers sampling from Phase II's
+  flows, makes a stylized copy of every batch (:meth:`DGMethod.stylizer`,
+  :class:`msf_monai.engines.StylizerIteration`); the UNet learns from the clean and the stylized
+  batch. Needs Phase I and Phase II, as ``mixstyleflow``.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from torch import nn
 
 from .bundle import phase_command, require_file
 from .errors import ConfigValueError
-from .engines import DualDecoderIteration, MaxStyleIteration, MixStyleFlowIteration
+from .engines import DualDecoderIteration, MaxStyleIteration, MixStyleFlowIteration, StylizerIteration
 from .flows import StyleFlowBank
+from .networks import DualDecoderNet
+from .resume import load_finished_weights
 from .styles import build_style_layer, mixstyleflow_layers
 
 __all__ = ["DGMethod", "METHODS", "flow_file_name", "get_method"]
@@ -73,6 +80,12 @@ class DGMethod:
         return self.layer == "mixstyleflow"
 
     @property
+    def uses_stylizer(self) -> bool:
+        """Whether a frozen Phase I network makes the stylized batch (MixStyleFlow's styles for a
+        network that has no style layers of its own, e.g. ``unet_mixstyleflow``)."""
+        return self.needs_flows and self.architecture != "dual_decoder"
+
+    @property
     def style_source(self) -> str:
         """Phase II's ``style_source`` whose flows the method samples (``image_decoder`` or ``encoder``)."""
         return "encoder" if self.where == "encoder" else "image_decoder"
@@ -100,6 +113,12 @@ class DGMethod:
         return {k: build_style_layer(self.layer, p=p) for k in self.layers}
 
     def _flow_layers(self, flow_checkpoint, device, p: float, bundle_root: str | None, **mixstyleflow_kwargs) -> dict[int, nn.Module]:
+        return self._styles_and_regime(flow_checkpoint, device, p, bundle_root, **mixstyleflow_kwargs)[0]
+
+    def _styles_and_regime(self, flow_checkpoint, device, p: float, bundle_root: str | None,
+                           **mixstyleflow_kwargs) -> tuple[dict[int, nn.Module], str]:
+        """The MixStyleFlow layers of the flow bank in ``flow_checkpoint``, and the Phase II
+        ``stats_regime`` its statistics were recorded in."""
         if flow_checkpoint is None:
             raise ConfigValueError(f"style_method {self.name!r} needs flow_checkpoint (Phase II's {self.flow_file()})")
         hint = self.phase2_command(bundle_root)
@@ -110,7 +129,8 @@ class DGMethod:
                 f"{flow_checkpoint} holds flows of {source} statistics, but style_method {self.name!r} needs "
                 f"{self.style_source} flows ({hint})"
             )
-        return mixstyleflow_layers(bank, layers=self.layers or None, p=p, **mixstyleflow_kwargs)
+        layers = mixstyleflow_layers(bank, layers=self.layers or None, p=p, **mixstyleflow_kwargs)
+        return layers, str(bank.metadata.get("stats_regime", "train"))
 
     def encoder_styles(
         self, p: float = 0.5, flow_checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
@@ -118,7 +138,7 @@ class DGMethod:
     ) -> dict[int, nn.Module]:
         """``DualDecoderNet(encoder_styles=...)`` for the encoder-level methods (else empty);
         encoder-level MixStyleFlow samples from the encoder flow bank in ``flow_checkpoint``."""
-        if self.where != "encoder":
+        if self.where != "encoder" or self.architecture != "dual_decoder":
             return {}
         if self.needs_flows:
             return self._flow_layers(flow_checkpoint, device, p, bundle_root, **mixstyleflow_kwargs)
@@ -131,12 +151,35 @@ class DGMethod:
         """``DualDecoderNet(image_decoder_styles=...)``: MaxStyle layers, or MixStyleFlow layers
         sampling from the flow bank in ``flow_checkpoint`` (loaded only for MixStyleFlow; a
         missing file stops with the Phase II command to run). ``mixstyleflow_kwargs`` go to
-        :func:`msf_monai.styles.mixstyleflow_layers` (``lam``, ``sample_per``, ``pool_size``)."""
-        if self.where != "image_decoder":
+        :func:`msf_monai.styles.mixstyleflow_layers` (``lam``, ``sample_per``, ``pool_size``).
+        Empty for a method whose styles come from a :meth:`stylizer` instead."""
+        if self.where != "image_decoder" or self.uses_stylizer:
             return {}
         if not self.needs_flows:
             return self._layers(p)
         return self._flow_layers(flow_checkpoint, device, p, bundle_root, **mixstyleflow_kwargs)
+
+    def stylizer(
+        self, phase1_checkpoint: str | os.PathLike, phase1_command: str | None = None, in_channels: int = 1,
+        out_channels: int = 1, p: float = 0.5, flow_style_kwargs: dict | None = None,
+    ) -> nn.Module | None:
+        """The frozen network that makes the stylized batch for :attr:`uses_stylizer` methods (else
+        ``None``, nothing loaded): the Phase I dual-decoder network in ``phase1_checkpoint`` with
+        MixStyleFlow layers after its image-decoder layers, sampling from Phase II's flow bank
+        (fitted on that network's channels). ``flow_style_kwargs``: ``flow_checkpoint``,
+        ``device``, ``bundle_root`` and the :func:`msf_monai.styles.mixstyleflow_layers` settings,
+        as :meth:`image_decoder_styles` takes them. A missing or unfinished Phase I stops with
+        ``phase1_command``; a missing Phase II with its command."""
+        if not self.uses_stylizer:
+            return None
+        kwargs = dict(flow_style_kwargs or {})
+        device = kwargs.pop("device", "cpu")
+        styles, regime = self._styles_and_regime(kwargs.pop("flow_checkpoint", None), device, p,
+                                                 kwargs.pop("bundle_root", None), **kwargs)
+        net = DualDecoderNet(in_channels, out_channels, image_decoder_styles=styles)
+        load_finished_weights(net, phase1_checkpoint, what="Phase I (the stylizer)", command=phase1_command, device=device)
+        net.stats_regime = regime  # StylizerIteration runs the stylizer in the regime its flows were fitted in
+        return net.to(device).requires_grad_(False)
 
     def input_style(self, p: float = 0.5) -> nn.Module | None:
         """The image-level augmentation (RandConv) or ``None``."""
@@ -145,9 +188,18 @@ class DGMethod:
     def iteration(
         self, rec_weight: float = 1.0, noise_std: float = 0.05, stylized_weight: float = 1.0, p: float = 0.5,
         maxstyle_steps: int = 5, maxstyle_lr: float = 0.1, stylized_bn: str = "frozen", stylize_mode: str = "decoded",
+        stylizer: nn.Module | None = None,
     ):
         """The ``SupervisedTrainer`` ``iteration_update`` for this method (``stylized_bn`` and
-        ``stylize_mode``: see :class:`msf_monai.engines.StylizedBatchIteration`)."""
+        ``stylize_mode``: see :class:`msf_monai.engines.StylizedBatchIteration`; ``stylizer``:
+        :meth:`stylizer`, for the methods that use one)."""
+        if self.uses_stylizer:
+            if stylizer is None:
+                raise ConfigValueError(f"style_method {self.name!r} needs a stylizer (the frozen Phase I network)")
+            regime = getattr(stylizer, "stats_regime", "train")
+            return StylizerIteration(stylizer, stylizer_noise_std=noise_std, stylizer_regime=regime, rec_weight=0.0,
+                                     noise_std=0.0, stylized_weight=stylized_weight, stylized_bn=stylized_bn,
+                                     stylize_mode=stylize_mode)
         if self.architecture != "dual_decoder":  # a plain segmentation network: no noise, no reconstruction
             return DualDecoderIteration(rec_weight=0.0, noise_std=0.0)
         common = {"rec_weight": rec_weight, "noise_std": noise_std}
@@ -174,6 +226,9 @@ METHODS: dict[str, DGMethod] = {
         DGMethod("mixstyleflow_encoder", "MixStyleFlow (encoder)", "encoder", (), "mixstyleflow",
                  "new: MixStyleFlow's flows on encoder statistics"),
         DGMethod("unet", "MONAI UNet", "none", reference="plain MONAI UNet, the reference users train instead",
+                 architecture="unet"),
+        DGMethod("unet_mixstyleflow", "MONAI UNet + MixStyleFlow", "image_decoder", (), "mixstyleflow",
+                 "new: MixStyleFlow styles from the frozen Phase I network, for a plain MONAI UNet",
                  architecture="unet"),
     )
 }

@@ -41,8 +41,9 @@ def test_a_baseline_trains_end_to_end_through_the_bundle(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "prostate_nci_isbi").is_dir(), reason="needs ../shared/data")
 def test_new_arms_run_through_the_bundle(tmp_path):
     """Encoder-level MixStyleFlow (Phase II on encoder statistics, then Phase III), residual
-    stylization with the old Phase II regime, and the reference UNet, trained and evaluated by
-    the bundle's own configs on real volumes."""
+    stylization with the old Phase II regime, the reference UNet, and the UNet trained on the
+    frozen Phase I network's MixStyleFlow styles, trained and evaluated by the bundle's own
+    configs on real volumes."""
     data = tmp_path / "data"
     for site, names in {"A": ["Case00", "Case01", "Case02", "Case03"], "B": ["Case29"]}.items():
         (data / site).mkdir(parents=True)
@@ -73,3 +74,12 @@ def test_new_arms_run_through_the_bundle(tmp_path):
     check(run_bundle(tmp_path, "evaluate", *common, "--checkpoint", str(models / "model_unet.pt")))
     summary = json.loads((bundle / "eval" / "model_unet_summary.json").read_text())
     assert summary["sites"]["B"]["n"] == 1
+    phase1 = (models / "phase1_model.pt").read_bytes()
+    out = check(run_bundle(tmp_path, "phase3", *train, "--style_method", "unet_mixstyleflow", "--stylize_mode", "residual"))
+    assert "perturbation" in out
+    assert (models / "phase1_model.pt").read_bytes() == phase1, "the stylizer must not change Phase I's model"
+    assert checkpoint_architecture(str(models / "model_unet_mixstyleflow.pt")) == "unet"
+    shift = json.loads((bundle / "logs" / "phase3_unet_mixstyleflow" / "perturbation.json").read_text())["mean"]
+    assert {"dec2_mean", "dec4_std"} <= set(shift) and shift["blur"] == pytest.approx(0.0, abs=1e-5)
+    check(run_bundle(tmp_path, "evaluate", *common, "--checkpoint", str(models / "model_unet_mixstyleflow.pt")))
+    assert json.loads((bundle / "eval" / "model_unet_mixstyleflow_summary.json").read_text())["sites"]["B"]["n"] == 1

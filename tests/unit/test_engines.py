@@ -10,8 +10,10 @@ from monai.engines.utils import IterationEvents
 from monai.losses import DiceCELoss
 
 from training_utils import bn_buffers, styled_net, tiny_loader, tiny_trainer
-from msf_monai.engines import DualDecoderIteration, MixStyleFlowIteration, add_image_noise, rescale_to_reference
-from msf_monai.networks import DualDecoderNet
+from msf_monai.engines import (
+    DualDecoderIteration, MixStyleFlowIteration, StylizerIteration, add_image_noise, rescale_to_reference,
+)
+from msf_monai.networks import DualDecoderNet, reference_unet
 from msf_monai.styles import MixStyleFlow
 
 
@@ -212,3 +214,56 @@ def test_residual_stylization_keeps_the_input_detail():
         MixStyleFlowIteration(stylize_mode="blend")
     with pytest.raises(ValueError, match="stylized_bn"):
         MixStyleFlowIteration(stylized_bn="eval")
+
+
+def _stylizer_run(regime: str = "train"):
+    torch.manual_seed(0)
+    stylizer = styled_net()
+    frozen = {k: v.clone() for k, v in stylizer.state_dict().items()}
+    unet = reference_unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    iteration = StylizerIteration(stylizer, stylizer_regime=regime, stylize_mode="residual", rec_weight=0.0, noise_std=0.0)
+    trainer = tiny_trainer(unet, iteration, tiny_loader(n_batches=2))
+    trainer.run()
+    return stylizer, frozen, unet, before, trainer
+
+
+@pytest.mark.slow
+def test_stylizer_iteration_trains_a_unet_on_frozen_phase1_styles():
+    """The UNet learns from both batches; the stylizer (weights, batch-norm statistics) is untouched."""
+    stylizer, frozen, unet, before, trainer = _stylizer_run()
+    for k, v in stylizer.state_dict().items():
+        torch.testing.assert_close(v, frozen[k], msg=f"the stylizer changed {k}")
+    assert not any(p.requires_grad for p in stylizer.parameters())
+    assert any(not torch.equal(v, before[k]) for k, v in unet.state_dict().items() if v.is_floating_point())
+    out = trainer.state.output[0]
+    assert set(out) >= {"seg_loss", "seg_loss_stylized"} and "rec_loss" not in out  # a UNet has no reconstruction
+    assert float(out["loss"]) == pytest.approx(float(out["seg_loss"]) + float(out["seg_loss_stylized"]), rel=1e-5)
+    stylized, image = out["stylized"], out["image"]
+    assert stylized.shape == image.shape and not torch.allclose(stylized, image, atol=1e-2)
+    assert float(stylized.min()) == pytest.approx(float(image.min()), abs=1e-5)
+    shift = trainer.state.perturbation
+    assert shift["blur"] == pytest.approx(0.0, abs=1e-5) and shift["image_change"] > 0  # residual: no blur
+
+
+def test_stylizer_iteration_regimes_differ_and_bad_settings_are_refused():
+    """The ``eval`` regime normalises the stylizer with its running statistics: another stylized batch."""
+    torch.manual_seed(0)
+    stylizer = styled_net()
+    for m in stylizer.modules():  # running statistics unlike any batch's
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(0.3)
+            m.running_var.fill_(4.0)
+    x = torch.rand(4, 1, 32, 32)
+    made = {}
+    for regime in ("train", "eval"):
+        it = StylizerIteration(stylizer, stylizer_regime=regime, stylizer_noise_std=0.0)
+        it._stylizer_mode()
+        z = stylizer.encode(x)
+        made[regime] = it.stylize(None, z, x, None, stylizer.reconstruct(z))
+        assert stylizer.image_decoder_styles["2"].training  # the style layers act in both regimes
+    assert not torch.allclose(made["train"], made["eval"], atol=1e-3)
+    with pytest.raises(ValueError, match="stylizer_regime"):
+        StylizerIteration(stylizer, stylizer_regime="test")
+    with pytest.raises(ValueError, match="MixStyleFlow layers"):
+        StylizerIteration(DualDecoderNet())

@@ -31,7 +31,8 @@ TINY = {"image_size": 32, "epochs": 1, "batch_size": 4, "num_workers": 0, "devic
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    """A prostate bundle copy with demo data and a (quickly fitted) flow bank for MixStyleFlow."""
+    """A prostate bundle copy with demo data, a (quickly fitted) flow bank for MixStyleFlow and
+    an (untrained) Phase I model for the stylizer."""
     root = tmp_path_factory.mktemp("methods")
     target = copy_bundle("prostate", root)
     rng = np.random.default_rng(0)
@@ -45,6 +46,7 @@ def bundle(tmp_path_factory):
     enc.fit({k: {"mean": rng.normal(size=(40, c)), "var": rng.uniform(0.5, 2.0, size=(40, c))} for k, c in enc.layer_channels.items()},
             epochs=2, lr=1e-3)
     enc.save(target / "models" / "style_flows_encoder.pt", style_source="encoder")
+    torch.save(DualDecoderNet().state_dict(), target / "models" / "phase1_model.pt")  # unet_mixstyleflow's stylizer
     return target
 
 
@@ -61,6 +63,8 @@ def _style_modules(net, iteration):
     modules = list(getattr(net, "encoder_styles", {}).values()) + list(getattr(net, "image_decoder_styles", {}).values())
     if getattr(iteration, "input_style", None) is not None:
         modules.append(iteration.input_style)
+    if getattr(iteration, "stylizer", None) is not None:  # styles made by the frozen Phase I network
+        modules += list(iteration.stylizer.image_decoder_styles.values())
     return modules
 
 
