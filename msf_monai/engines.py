@@ -400,10 +400,11 @@ class StylizerIteration(StylizedBatchIteration):
         stylizer: the frozen network (``encode`` and ``reconstruct(z, stylize=True)``, with
             MixStyleFlow layers in ``image_decoder_styles``); see
             :meth:`msf_monai.methods.DGMethod.stylizer`.
-        stylizer_noise_std: the input noise of the stylizer's encoding: Phase I's denoising noise,
-            the regime its flows were fitted in (Phase II ``stats_regime train``).
-        stylizer_regime: ``"train"`` (batch statistics, running statistics unchanged) or
-            ``"eval"`` (running statistics): Phase II's ``stats_regime`` of the flows.
+        stylizer_noise_std: the input noise of the stylizer's encoding in the ``"train"`` regime:
+            Phase I's denoising noise, as Phase II added it when it recorded the statistics.
+        stylizer_regime: Phase II's ``stats_regime`` of the flows, the regime the stylizer runs
+            in: ``"train"`` (batch statistics, running statistics unchanged, noised input) or
+            ``"eval"`` (running statistics, clean input).
         noise_std, rec_weight: of the trained network's own input and reconstruction (0 for a
             segmentation-only network).
         stylized_weight, stylized_bn, stylize_mode, seg_weight, rec_loss: as
@@ -442,7 +443,8 @@ class StylizerIteration(StylizedBatchIteration):
         backward(clean)  # as StylizedBatchIteration: the two passes' activations never coexist
         self._stylizer_mode()
         with torch.no_grad(), frozen_batchnorm_statistics(self.stylizer):
-            z = self.stylizer.encode(add_image_noise(inputs, self.stylizer_noise_std))
+            noise = self.stylizer_noise_std if self.stylizer_regime == "train" else 0.0
+            z = self.stylizer.encode(add_image_noise(inputs, noise))
             plain = self.stylizer.reconstruct(z)
             stylized = self.stylize(engine, z, inputs, targets, plain).detach()
         engine.state.perturbation = self.measure(self.stylizer, stylized, inputs, plain)

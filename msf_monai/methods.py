@@ -181,6 +181,16 @@ class DGMethod:
         net.stats_regime = regime  # StylizerIteration runs the stylizer in the regime its flows were fitted in
         return net.to(device).requires_grad_(False)
 
+    def check_init_from_phase1(self, init_from_phase1: bool) -> bool:
+        """Refuse ``init_from_phase1`` for a method that trains another network than Phase I's
+        (its weights would not load); returns whether to initialise from Phase I."""
+        if init_from_phase1 and self.architecture != "dual_decoder":
+            raise ConfigValueError(
+                f"init_from_phase1 needs the dual-decoder network of Phase I, but style_method {self.name!r} trains a "
+                f"{self.architecture!r} network; leave init_from_phase1 false"
+            )
+        return bool(init_from_phase1)
+
     def input_style(self, p: float = 0.5) -> nn.Module | None:
         """The image-level augmentation (RandConv) or ``None``."""
         return build_style_layer(self.layer, p=p) if self.where == "input" else None

@@ -146,6 +146,9 @@ def parse_arms(methods) -> list[Arm]:
         method = get_method(m.group(1))
         if not method.needs_flows and any(k in PHASE2_SETTINGS for k in settings):
             raise SystemExit(f"arm {item!r}: {PHASE2_SETTINGS} only apply to MixStyleFlow arms")
+        if settings.get("init_from_phase1") and method.architecture != "dual_decoder":
+            raise SystemExit(f"arm {item!r}: init_from_phase1 needs Phase I's dual-decoder network; "
+                             f"{method.name!r} trains a {method.architecture!r} network")
         if method.name == "none" and settings:
             raise SystemExit(f"arm {item!r}: 'none' is Phase I itself and takes no settings")
         title = method.title + (" (" + ", ".join(f"{k}={_text(v)}" for k, v in settings.items()) + ")" if settings else "")

@@ -216,25 +216,27 @@ def test_residual_stylization_keeps_the_input_detail():
         MixStyleFlowIteration(stylized_bn="eval")
 
 
-def _stylizer_run(regime: str = "train"):
+def _stylizer_run(regime: str = "train", stylized_weight: float = 1.0, n_batches: int = 2):
     torch.manual_seed(0)
     stylizer = styled_net()
     frozen = {k: v.clone() for k, v in stylizer.state_dict().items()}
     unet = reference_unet()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    iteration = StylizerIteration(stylizer, stylizer_regime=regime, stylize_mode="residual", rec_weight=0.0, noise_std=0.0)
-    trainer = tiny_trainer(unet, iteration, tiny_loader(n_batches=2))
+    seen = []
+    unet.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    iteration = StylizerIteration(stylizer, stylizer_regime=regime, stylize_mode="residual", rec_weight=0.0, noise_std=0.0,
+                                  stylized_weight=stylized_weight)
+    trainer = tiny_trainer(unet, iteration, tiny_loader(n_batches=n_batches))
     trainer.run()
-    return stylizer, frozen, unet, before, trainer
+    return stylizer, frozen, unet, before, trainer, seen
 
 
 @pytest.mark.slow
 def test_stylizer_iteration_trains_a_unet_on_frozen_phase1_styles():
     """The UNet learns from both batches; the stylizer (weights, batch-norm statistics) is untouched."""
-    stylizer, frozen, unet, before, trainer = _stylizer_run()
+    stylizer, frozen, unet, before, trainer, seen = _stylizer_run()
     for k, v in stylizer.state_dict().items():
         torch.testing.assert_close(v, frozen[k], msg=f"the stylizer changed {k}")
-    assert not any(p.requires_grad for p in stylizer.parameters())
     assert any(not torch.equal(v, before[k]) for k, v in unet.state_dict().items() if v.is_floating_point())
     out = trainer.state.output[0]
     assert set(out) >= {"seg_loss", "seg_loss_stylized"} and "rec_loss" not in out  # a UNet has no reconstruction
@@ -242,8 +244,36 @@ def test_stylizer_iteration_trains_a_unet_on_frozen_phase1_styles():
     stylized, image = out["stylized"], out["image"]
     assert stylized.shape == image.shape and not torch.allclose(stylized, image, atol=1e-2)
     assert float(stylized.min()) == pytest.approx(float(image.min()), abs=1e-5)
-    shift = trainer.state.perturbation
-    assert shift["blur"] == pytest.approx(0.0, abs=1e-5) and shift["image_change"] > 0  # residual: no blur
+    # the UNet sees, per step, the clean batch and then the stylized one (output: decollated, first image)
+    assert len(seen) == 4
+    torch.testing.assert_close(seen[-2][0], image)
+    torch.testing.assert_close(seen[-1][0], stylized)
+    assert trainer.state.perturbation["image_change"] > 0
+    for m in stylizer.modules():  # "train" regime: batch statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.training
+
+
+@pytest.mark.slow
+def test_stylizer_iteration_the_stylized_term_trains_the_unet():
+    """``stylized_weight`` 0 and 1 from the same start and random streams end with other weights."""
+    weights = {}
+    for w in (0.0, 1.0):
+        unet = _stylizer_run(stylized_weight=w, n_batches=1)[2]
+        weights[w] = torch.cat([p.detach().flatten() for p in unet.parameters()])
+    assert not torch.allclose(weights[0.0], weights[1.0])
+
+
+@pytest.mark.slow
+def test_stylizer_iteration_runs_the_stylizer_in_its_flows_regime():
+    """In the ``eval`` regime the stylizer's batch norm uses its running statistics (and leaves them
+    unchanged) while its style layers still act."""
+    stylizer, frozen, _, _, _, _ = _stylizer_run(regime="eval", n_batches=1)
+    bns = [m for m in stylizer.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert all(m.training for m in stylizer.image_decoder_styles.values())
+    for k, v in stylizer.state_dict().items():
+        torch.testing.assert_close(v, frozen[k], msg=f"the stylizer changed {k}")
 
 
 def test_stylizer_iteration_regimes_differ_and_bad_settings_are_refused():

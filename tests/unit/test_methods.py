@@ -19,6 +19,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from bundle_utils import copy_bundle
+from msf_monai.errors import ConfigValueError
 from msf_monai.flows import StyleFlowBank
 from msf_monai.methods import METHODS, get_method
 from msf_monai.networks import DualDecoderNet, SegmentationView, build_network, image_decoder_channels
@@ -221,3 +222,27 @@ def test_encoder_mixstyleflow_samples_from_encoder_flows(tmp_path):
 
     with pytest.raises(ConfigValueError, match="encoder"):
         method.encoder_styles(p=1.0, flow_checkpoint=str(tmp_path / "dec.pt"))
+
+
+def test_the_stylizer_is_frozen_phase1_in_its_flows_regime(bundle, tmp_path):
+    """``unet_mixstyleflow``'s stylizer: Phase I's weights, MixStyleFlow layers, no gradient, and
+    the Phase II regime from the flow bank's metadata reaches the training step."""
+    models = bundle / "models"
+    bank = StyleFlowBank.load(models / "style_flows.pt")
+    eval_flows = tmp_path / "style_flows_eval.pt"
+    bank.save(eval_flows, stats_regime="eval")
+    method = get_method("unet_mixstyleflow")
+    assert method.image_decoder_styles(flow_checkpoint=str(eval_flows)) == {}  # the UNet gets no style layers
+    assert get_method("mixstyleflow").stylizer(str(models / "phase1_model.pt")) is None
+    for flows, regime in ((models / "style_flows.pt", "train"), (eval_flows, "eval")):
+        stylizer = method.stylizer(str(models / "phase1_model.pt"), flow_style_kwargs={"flow_checkpoint": str(flows)})
+        assert sorted(stylizer.image_decoder_styles) == ["2", "3", "4"]
+        assert not any(p.requires_grad for p in stylizer.parameters())
+        phase1 = torch.load(models / "phase1_model.pt", weights_only=True)
+        assert all(torch.equal(stylizer.state_dict()[k], v) for k, v in phase1.items())
+        assert method.iteration(stylizer=stylizer).stylizer_regime == regime
+    with pytest.raises(ConfigValueError, match="needs a stylizer"):
+        method.iteration()
+    with pytest.raises(ConfigValueError, match="init_from_phase1"):
+        method.check_init_from_phase1(True)
+    assert method.check_init_from_phase1(False) is False and get_method("mixstyleflow").check_init_from_phase1(True)
