@@ -383,6 +383,19 @@ def find_checkpoint(checkpoint: str | os.PathLike, bundle_root: str | os.PathLik
     raise MissingPhaseOutputError(f"checkpoint not found: {where}\nCreate it first with:\n  {phase_command(bundle_root, phase)}")
 
 
+def checkpoint_architecture(checkpoint: str | os.PathLike, bundle_root: str | os.PathLike | None = None) -> str:
+    """The architecture of a ``--checkpoint`` (``unet`` or ``dual_decoder``, see
+    :func:`msf_monai.networks.checkpoint_architecture`), found where :func:`find_checkpoint`
+    looks. A missing file gives ``dual_decoder`` instead of an error, so that configs that only
+    build the network (``ckpt_export``, ``verify_net_in_out``) work without a trained model."""
+    from msf_monai.networks import checkpoint_architecture as architecture_of
+
+    for candidate in _checkpoint_candidates(checkpoint, bundle_root):
+        if candidate.is_file():
+            return architecture_of(str(candidate))
+    return "dual_decoder"
+
+
 def _checkpoint_candidates(checkpoint: str | os.PathLike, bundle_root: str | os.PathLike | None) -> list[Path]:
     """Where a ``--checkpoint`` may be: as given, else (when relative) inside the bundle folder."""
     path = Path(checkpoint)

@@ -63,14 +63,15 @@ def _trained_image_size(models: Path) -> int | None:
 def _check_model(path: Path, in_channels: int, out_channels: int) -> None:
     import torch
 
-    from msf_monai.networks import SegmentationOnlyNet
+    from msf_monai.networks import build_network, checkpoint_architecture
 
+    architecture = checkpoint_architecture(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        SegmentationOnlyNet(in_channels, out_channels).load_state_dict(state, strict=True)
+        build_network(architecture, in_channels, out_channels, segmentation_only=True).load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - reported with the file name
         raise PackagingError(f"{path} is not a checkpoint of this bundle's network "
-                             f"({in_channels} -> {out_channels} channels): {exc}") from exc
+                             f"({architecture}, {in_channels} -> {out_channels} channels): {exc}") from exc
 
 
 def package(

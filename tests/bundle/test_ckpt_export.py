@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bundle_utils import REPO
-from msf_monai.networks import SegmentationOnlyNet
+from msf_monai.networks import SegmentationOnlyNet, reference_unet
 
 pytestmark = pytest.mark.slow
 
@@ -49,3 +49,22 @@ def test_ckpt_export_matches_the_eager_network(bundle, tmp_path):
     out = _monai_bundle("verify_net_in_out", "network_def", "--meta_file", str(configs / "metadata.json"),
                         "--config_file", str(configs / "inference.json"))
     assert "verified with no error" in out
+
+
+@pytest.mark.slow
+def test_ckpt_export_of_a_unet_checkpoint(tmp_path):
+    """``unet``/``unet_mixstyleflow`` models export as the MONAI ``UNet`` when ``--checkpoint``
+    names the file (``--ckpt_file`` is not a config id, so the network is chosen from
+    ``--checkpoint``)."""
+    torch.manual_seed(2)
+    net = reference_unet().eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    configs = REPO / "bundles" / "prostate" / "configs"
+    ts = tmp_path / "model.ts"
+    _monai_bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--checkpoint", str(ckpt),
+                  "--meta_file", str(configs / "metadata.json"), "--config_file", str(configs / "inference.json"))
+    exported = torch.jit.load(str(ts), map_location="cpu").eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), net(x), rtol=1e-5, atol=1e-5)

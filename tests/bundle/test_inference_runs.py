@@ -15,7 +15,7 @@ import torch
 
 from bundle_utils import check, copy_bundle, run_bundle
 from data_utils import data_with_a_4d_image, nifti
-from msf_monai.networks import SegmentationOnlyNet
+from msf_monai.networks import SegmentationOnlyNet, reference_unet
 from msf_monai.tasks.prostate import check_volumes, image_files, prostate_datalist
 
 pytestmark = pytest.mark.slow
@@ -103,3 +103,34 @@ def test_4d_image_gets_the_same_answer_from_training_and_inference(tmp_path):
     check(run_bundle(tmp_path, "inference", "--input_dir", str(task / "imagesTs"), *SIZE))
     mask = nib.load(bundle / "inference" / "prostate_07_seg.nii.gz")
     assert mask.shape == (32, 32, 4)
+
+
+def _unet_with_output_bias(bias: float) -> dict:
+    """A MONAI ``UNet`` checkpoint (as ``unet``/``unet_mixstyleflow`` save it) whose output layer's
+    bias dominates: every voxel foreground (+100) or background (-100), whatever the weights."""
+    torch.manual_seed(0)
+    net = reference_unet()
+    last = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+    with torch.no_grad():
+        last.bias.fill_(bias)
+    return net.state_dict()
+
+
+@pytest.mark.slow
+def test_inference_loads_a_unet_checkpoint_given_relative_to_the_bundle(tmp_path):
+    bundle = copy_bundle("prostate", tmp_path)
+    (bundle / "models").mkdir()
+    images = tmp_path / "images"
+    nifti(images / "Case03.nii.gz", seed=3)
+    mask = bundle / "inference" / "Case03_seg.nii.gz"
+    sums = {}
+    for bias in (100.0, -100.0):
+        torch.save(_unet_with_output_bias(bias), bundle / "models" / "unet_model.pt")
+        check(run_bundle(tmp_path, "inference", "--input_dir", str(images), *SIZE, "--overwrite", "true",
+                         "--checkpoint", "models/unet_model.pt"))
+        assert nib.load(mask).shape == (32, 32, 4)
+        sums[bias] = float(nib.load(mask).get_fdata().sum())
+    # the UNet's own weights decide the masks: the output bias turns every voxel on, then off
+    assert sums[100.0] > 0.5 * 32 * 32 * 4 and sums[-100.0] == 0
+    record = json.loads((bundle / "inference" / "inference_run.json").read_text())
+    assert record["checkpoint"] == str((bundle / "models" / "unet_model.pt").resolve())

@@ -17,7 +17,7 @@ from bundle_utils import check, copy_bundle, load_script, task_transform
 from msf_monai.tasks.prostate import generate_demo_prostate, image_files
 from msf_monai.data import split_by_patient
 from msf_monai.flows import StyleFlowBank
-from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet
+from msf_monai.networks import DualDecoderNet, SegmentationOnlyNet, reference_unet
 from msf_monai.style_shift import calibrate_style_shift, image_slices
 from msf_monai.training_record import write_training_record
 
@@ -118,3 +118,17 @@ def test_packaged_archive_runs_inference_anywhere(tmp_path):
     assert len(val) == 1 and "source validation, n=1 of 3" in out
     # nothing was generated: no demo data in the unpacked bundle nor beside it
     assert not (elsewhere / "prostate" / "demo_data").exists()
+
+
+@pytest.mark.slow
+def test_package_accepts_a_unet_model_and_names_a_wrong_one(tmp_path):
+    """``models/model.pt`` may be a MONAI ``UNet`` (``unet``, ``unet_mixstyleflow``): the
+    archive's inference builds it from its keys; a file of neither network is refused by name."""
+    module = _package_module()
+    torch.save(reference_unet().state_dict(), tmp_path / "unet.pt")
+    module._check_model(tmp_path / "unet.pt", 1, 1)
+    torch.save(SegmentationOnlyNet().state_dict(), tmp_path / "dual.pt")
+    module._check_model(tmp_path / "dual.pt", 1, 1)
+    torch.save(reference_unet(3, 2).state_dict(), tmp_path / "fundus_unet.pt")
+    with pytest.raises(module.PackagingError, match=r"fundus_unet\.pt.*unet, 1 -> 1 channels"):
+        module._check_model(tmp_path / "fundus_unet.pt", 1, 1)

@@ -136,3 +136,23 @@ def test_checkpoint_paths_and_hints(tmp_path, monkeypatch):
         find_checkpoint("models/phase1_model_final.pt", bundle)
     with pytest.raises(MissingPhaseOutputError, match="phase3.json"):
         find_checkpoint("models/model_dsu.pt", bundle)
+
+
+def test_checkpoint_architecture_looks_where_find_checkpoint_looks(tmp_path, monkeypatch):
+    from msf_monai.bundle import checkpoint_architecture
+    from msf_monai.networks import SegmentationOnlyNet, reference_unet
+
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    torch.save(reference_unet().state_dict(), bundle / "models" / "model.pt")
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert checkpoint_architecture("models/model.pt", bundle) == "unet"  # relative to the bundle
+    assert checkpoint_architecture(str(bundle / "models" / "model.pt")) == "unet"
+    # a file of that name in the current directory comes first, as for find_checkpoint
+    (elsewhere / "models").mkdir()
+    torch.save(SegmentationOnlyNet().state_dict(), elsewhere / "models" / "model.pt")
+    assert checkpoint_architecture("models/model.pt", bundle) == "dual_decoder"
+    # no file at all (export and verify_net_in_out without a trained model): the default network
+    assert checkpoint_architecture("models/missing.pt", bundle) == "dual_decoder"
