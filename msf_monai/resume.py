@@ -298,18 +298,23 @@ class StyleSamplerStates:
     """The state of every style sampler in ``network`` (the ``style_sampler`` of a style layer,
     where it has ``state_dict``: :class:`msf_monai.flows.StylePool`) as one object for ignite's
     ``Checkpoint``, keyed by the layer's module name. Without it a resumed Phase III would refill
-    its style pools from scratch and draw other styles than an uninterrupted run."""
+    its style pools from scratch and draw other styles than an uninterrupted run.
 
-    def __init__(self, network: torch.nn.Module):
+    ``style_sources``: other networks whose style layers the run samples from, by name (the frozen
+    stylizer of ``unet_mixstyleflow``); their samplers are keyed ``<name>.<layer module name>``."""
+
+    def __init__(self, network: torch.nn.Module, style_sources: Mapping[str, torch.nn.Module] | None = None):
         self.network = network
+        self.style_sources = {str(k): v for k, v in (style_sources or {}).items() if v is not None}
 
     def samplers(self) -> dict:
         """``{layer module name: sampler}`` of the samplers that have a state."""
         found = {}
-        for name, module in self.network.named_modules():
-            sampler = getattr(module, "style_sampler", None)
-            if callable(getattr(sampler, "state_dict", None)):
-                found[name] = sampler
+        for prefix, net in [("", self.network)] + [(f"{k}.", v) for k, v in self.style_sources.items()]:
+            for name, module in net.named_modules():
+                sampler = getattr(module, "style_sampler", None)
+                if callable(getattr(sampler, "state_dict", None)):
+                    found[prefix + name] = sampler
         return found
 
     def state_dict(self) -> dict:
@@ -362,7 +367,7 @@ class TrainingCheckpointer:
     """Latest full training state every ``interval`` epochs, best model on every improvement,
     and resume on start: two ignite ``Checkpoint`` handlers writing through :class:`AtomicFileSaver`.
     The latest state holds ``network``, ``optimizer``, ``lr_scheduler``, ``rng`` (:class:`RNGStates`),
-    ``style_samplers`` (:class:`StyleSamplerStates`, where the network has style pools) and this object's :meth:`state_dict`, all at the top level (:mod:`msf_monai.saved_state`); the
+    ``style_samplers`` (:class:`StyleSamplerStates`, where the network or a ``style_sources`` network has style pools) and this object's :meth:`state_dict`, all at the top level (:mod:`msf_monai.saved_state`); the
     best model is a plain ``state_dict``, scored by the epoch of the validator's best metric (which
     moves on exactly when the key metric improves, whichever way the metric compares).
 
@@ -383,6 +388,9 @@ class TrainingCheckpointer:
         resume: load ``path`` on start when it exists (``False``: start from scratch and replace it).
         settings: plain values (data folder, image size, ...) stored with the state;
             :func:`check_resume` compares them before a resumed run.
+        style_sources: networks besides ``network`` whose style pools the state keeps, by name
+            (``{"stylizer": ...}``, the frozen network that stylizes ``unet_mixstyleflow``'s
+            batches; ``None`` entries are skipped); see :class:`StyleSamplerStates`.
     """
 
     def __init__(
@@ -396,6 +404,7 @@ class TrainingCheckpointer:
         interval: int = 1,
         resume: bool = True,
         settings: Mapping | None = None,
+        style_sources: Mapping[str, torch.nn.Module | None] | None = None,
     ):
         if int(interval) < 1:
             raise ValueError(f"checkpoint_interval must be >= 1 epoch, got {interval}")
@@ -413,7 +422,7 @@ class TrainingCheckpointer:
         self._previous_sigint = None
         self._stop_requested = False
         self._objects = {"network": network, "optimizer": optimizer, "rng": RNGStates()}
-        samplers = StyleSamplerStates(network)
+        samplers = StyleSamplerStates(network, style_sources)
         if samplers.samplers():  # Phase III with style pools; Phase I's state has no such entry
             self._objects["style_samplers"] = samplers
         if lr_scheduler is not None:

@@ -11,6 +11,7 @@ import torch
 from bundle_utils import SHARED_DATA, check, copy_bundle, run_bundle
 from msf_monai.flows import StyleFlowBank
 from msf_monai.networks import SegmentationOnlyNet, checkpoint_architecture
+from msf_monai.saved_state import load_resume_state
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +80,9 @@ def test_new_arms_run_through_the_bundle(tmp_path):
     assert checkpoint_architecture(str(models / "model_unet_mixstyleflow.pt")) == "unet"
     shift = json.loads((bundle / "logs" / "phase3_unet_mixstyleflow" / "perturbation.json").read_text())["mean"]
     assert {"dec2_mean", "dec4_std"} <= set(shift) and shift["blur"] == pytest.approx(0.0, abs=1e-5)
+    # the stylizer's style pools are in the training state, so a resumed run draws the same styles
+    pools = load_resume_state(models / "model_unet_mixstyleflow_resume.pt")["style_samplers"]
+    assert pools and all(name.startswith("stylizer.image_decoder_styles.") for name in pools)
     check(run_bundle(tmp_path, "evaluate", *common, "--checkpoint", str(models / "model_unet_mixstyleflow.pt")))
     assert json.loads((bundle / "eval" / "model_unet_mixstyleflow_summary.json").read_text())["sites"]["B"]["n"] == 1
     proc = run_bundle(tmp_path, "phase3", *train, "--style_method", "unet_mixstyleflow", "--init_from_phase1", "true")

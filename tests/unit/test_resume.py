@@ -161,6 +161,18 @@ class _RandomStyles(torch.nn.Module):
         return torch.randn(n, 4), torch.rand(n, 4) + 0.5
 
 
+class _Outside(torch.nn.Module):
+    """Applies ``layer`` without registering it: the trained network's ``named_modules`` and
+    ``state_dict`` do not see it (like the frozen stylizer next to a trained UNet)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.__dict__["layer"] = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 def _training(folder: Path, init_seed: int, stop_after: int | None = None, interval: int = 2, styles: bool = False):
     """A MONAI trainer (4 epochs, dropout: the run draws random numbers) validated every epoch by
     an evaluator with a scripted key metric, an lr scheduler, and the checkpointer as the configs
@@ -168,7 +180,11 @@ def _training(folder: Path, init_seed: int, stop_after: int | None = None, inter
     a MixStyleFlow layer draws its styles from a pool of 5 (one per step: the pool outlives epochs)."""
     torch.manual_seed(init_seed)
     layers = [torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Dropout(0.5), torch.nn.Conv2d(4, 1, 1)]
-    if styles:
+    stylizer = None
+    if styles == "stylizer":  # the pool in a network outside the trained one, as unet_mixstyleflow's stylizer
+        stylizer = MixStyleFlow(style_sampler=StylePool(_RandomStyles(), 2, pool_size=5), p=1.0)
+        layers.insert(1, _Outside(stylizer))
+    elif styles:
         layers.insert(1, MixStyleFlow(style_sampler=StylePool(_RandomStyles(), 2, pool_size=5), p=1.0))
     net = torch.nn.Sequential(*layers)
     opt = torch.optim.Adam(net.parameters(), 1e-2)
@@ -176,7 +192,8 @@ def _training(folder: Path, init_seed: int, stop_after: int | None = None, inter
     validator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=tiny_loader(1, size=8, batch=2), network=net,
                                     key_val_metric={"score": _ScriptedScore()}, decollate=False)
     checkpointer = TrainingCheckpointer(net, opt, folder / "model_resume.pt", best_path=folder / "model.pt", validator=validator,
-                                        lr_scheduler=sched, interval=interval, settings={"seed": 0})
+                                        lr_scheduler=sched, interval=interval, settings={"seed": 0},
+                                        style_sources={"stylizer": stylizer})
     trainer = SupervisedTrainer(
         device=torch.device("cpu"), max_epochs=4, train_data_loader=tiny_loader(3, size=8, batch=2, seed=1), network=net,
         optimizer=opt, loss_function=torch.nn.MSELoss(), decollate=False,
@@ -199,7 +216,7 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("stop_after,styles", [(2, False), (3, False), (2, True)])
+@pytest.mark.parametrize("stop_after,styles", [(2, False), (3, False), (2, True), (2, "stylizer")])
 def test_a_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, stop_after, styles):
     """Killed right after the state of epoch 2 was saved (``stop_after`` 2) or one epoch later,
     whose work is lost (3): the same command goes on from epoch 2 and ends with the weights,
@@ -207,7 +224,8 @@ def test_a_killed_and_resumed_run_ends_as_an_uninterrupted_one(tmp_path, stop_af
     the network, the optimizer and every random generator come from the saved state, and the
     restored best metric keeps epochs 3 and 4 (worse than epoch 2) from replacing the best model.
     With a MixStyleFlow layer (``styles``) the styles its pool had not handed out yet come from
-    the state too (a refilled pool would train on other styles)."""
+    the state too (a refilled pool would train on other styles), also when the layer is in
+    another network than the trained one (``"stylizer"``, passed as ``style_sources``)."""
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     trainer, net, opt, validator = _training(whole, init_seed=0, styles=styles)
     trainer.run()
