@@ -13,6 +13,7 @@ from pathlib import Path
 from .cli import as_bool
 from .data.core import split_by_patient
 from .errors import CheckpointLockedError, ConfigValueError, MissingPhaseOutputError, PhaseError, UnfinishedPhaseError
+from .networks import checkpoint_architecture as _architecture_of
 from .tasks.prostate.transforms import GEOMETRY_DEFAULTS
 from .training_record import read_training_record
 
@@ -388,11 +389,9 @@ def checkpoint_architecture(checkpoint: str | os.PathLike, bundle_root: str | os
     :func:`msf_monai.networks.checkpoint_architecture`), found where :func:`find_checkpoint`
     looks. A missing file gives ``dual_decoder`` instead of an error, so that configs that only
     build the network (``ckpt_export``, ``verify_net_in_out``) work without a trained model."""
-    from msf_monai.networks import checkpoint_architecture as architecture_of
-
     for candidate in _checkpoint_candidates(checkpoint, bundle_root):
         if candidate.is_file():
-            return architecture_of(str(candidate))
+            return _architecture_of(str(candidate))
     return "dual_decoder"
 
 
