@@ -375,10 +375,10 @@ def find_checkpoint(checkpoint: str | os.PathLike, bundle_root: str | os.PathLik
     A missing file stops with the command of the phase that writes it (Phase I for
     ``phase1_model*.pt``, else Phase III)."""
     path = Path(checkpoint)
+    found = _existing_checkpoint(checkpoint, bundle_root)
+    if found is not None:
+        return str(found.resolve())
     candidates = _checkpoint_candidates(checkpoint, bundle_root)
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate.resolve())
     phase = "phase1" if path.name.startswith("phase1_model") else "phase3"
     where = " or ".join(str(c) for c in candidates)
     raise MissingPhaseOutputError(f"checkpoint not found: {where}\nCreate it first with:\n  {phase_command(bundle_root, phase)}")
@@ -389,10 +389,13 @@ def checkpoint_architecture(checkpoint: str | os.PathLike, bundle_root: str | os
     :func:`msf_monai.networks.checkpoint_architecture`), found where :func:`find_checkpoint`
     looks. A missing file gives ``dual_decoder`` instead of an error, so that configs that only
     build the network (``ckpt_export``, ``verify_net_in_out``) work without a trained model."""
-    for candidate in _checkpoint_candidates(checkpoint, bundle_root):
-        if candidate.is_file():
-            return _architecture_of(str(candidate))
-    return "dual_decoder"
+    found = _existing_checkpoint(checkpoint, bundle_root)
+    return "dual_decoder" if found is None else _architecture_of(str(found))
+
+
+def _existing_checkpoint(checkpoint: str | os.PathLike, bundle_root: str | os.PathLike | None) -> Path | None:
+    """The first of :func:`_checkpoint_candidates` that is a file, else ``None``."""
+    return next((c for c in _checkpoint_candidates(checkpoint, bundle_root) if c.is_file()), None)
 
 
 def _checkpoint_candidates(checkpoint: str | os.PathLike, bundle_root: str | os.PathLike | None) -> list[Path]:
