@@ -46,8 +46,9 @@ def protocol_text(summaries) -> str:
             text = "per volume, all slices, resized grid, best checkpoint on source validation (recorded before 0.5.0)"
         else:
             where = "each scan's original geometry" if p.get("eval_space") == "original" else "the resized grid"
-            text = (f"per {p.get('dice', 'volume')}, {p.get('eval_slices', 'all')} slices, {where}, "
-                    f"{p.get('checkpoint_policy', 'best')} checkpoint on {p.get('selected_on', 'source validation')}")
+            chosen = (f"best checkpoint on {p.get('selected_on', 'source validation')}"
+                      if p.get("checkpoint_policy", "best") == "best" else "the last epoch's checkpoint")
+            text = f"per {p.get('dice', 'volume')}, {p.get('eval_slices', 'all')} slices, {where}, {chosen}"
         if text not in seen:
             seen.append(text)
     if not seen:

@@ -9,7 +9,10 @@ writes the table (``dg_table.md``/``.csv``/``.png``, mean ± std over seeds), th
 (``ablation.md``: unseen Dice over seeds, per site and pooled over the cases, the cases and the
 case-seed pairs better than the first arm with paired sign tests, how strong each arm's
 perturbation was, and each unseen case's Dice per arm), a stylized-image gallery (first seed) and
-``benchmark.json`` (commands, timings) to ``--work_dir``.
+``benchmark.json`` (commands, timings) to ``--work_dir``. ``--checkpoint_policy last`` evaluates
+each run's last-epoch weights instead (``*_final.pt``; the tables go to ``<work_dir>/last``), e.g.
+with ``--train false`` over finished runs, to see how much the choice on a small source
+validation split moves the result.
 
     python scripts/benchmark_dg.py prostate --methods none,mixstyle,dsu,mixstyleflow \\
         --seeds 0,1,2 --fraction 0.3 --dataset_dir /data/prostate --source_site SiteA
@@ -50,6 +53,8 @@ TRAINING_ONLY = ("epochs", "lr", "val_interval", "train_fraction", "style_p", "m
 #: arm settings that change Phase II (which flows are fitted), not Phase III
 PHASE2_SETTINGS = ("stats_regime", "statistic")
 #: settings an arm may not change: they need another Phase I (run a separate benchmark)
+#: ``--checkpoint_policy``: evaluate the checkpoint chosen on source validation, or the last epoch's
+CHECKPOINT_POLICIES = ("best", "last")
 SHARED_SETTINGS = ("image_size", "dataset_dir", "source_site", "seed", "batch_size", "val_fraction", "train_fraction")
 
 
@@ -205,7 +210,8 @@ def _train_arm(arm: Arm, base: dict, models: Path, logs: Path, tag: str, timed, 
 
 def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", seeds="0", fraction: float = 1.0,
          work_dir: str | None = None, source_site: str | None = None, flow_epochs: int | None = None,
-         gallery: bool = True, reuse: bool = False, train: bool = True, **overrides) -> None:
+         gallery: bool = True, reuse: bool = False, train: bool = True, checkpoint_policy: str = "best",
+         **overrides) -> None:
     """Train, evaluate and tabulate the selected arms.
 
     Args:
@@ -224,12 +230,18 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         train: ``false``: train nothing, tabulate the runs that finished (e.g. the arms of several
             earlier calls with the same ``--work_dir``, or of a benchmark still running); arms and
             seeds without a finished run are left out. Implies ``--reuse``.
+        checkpoint_policy: which weights of each run are evaluated: ``best`` (the checkpoint chosen
+            on the source validation split) or ``last`` (the last epoch's, ``*_final.pt``; its
+            evaluations go to ``seed*/eval_last`` and its tables to ``<work_dir>/last``).
         overrides: other config ids for every run (``--dataset_dir``, ``--epochs``, ``--image_size``, ...).
     """
     from msf_monai.cli import as_bool
     from msf_monai.report import ablation_table, case_table, load_summary, protocol_text
 
     gallery, reuse, train = as_bool(gallery, "--gallery"), as_bool(reuse, "--reuse"), as_bool(train, "--train")
+    if checkpoint_policy not in CHECKPOINT_POLICIES:
+        raise SystemExit(f"--checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, not {checkpoint_policy!r}")
+    last = checkpoint_policy == "last"
     reuse = reuse or not train
     root = bundle_dir(bundle)
     arms = parse_arms(methods)
@@ -245,6 +257,7 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
     source = config_value(root, "evaluate", "source_site", common)
     evaluation = {k: v for k, v in common.items() if k not in TRAINING_ONLY}
     record_file = work / "benchmark.json"
+    tables_dir = work / "last" if last else work
     record = {"bundle": str(root), "arms": [a.label for a in arms], "seeds": seed_list, "fraction": fraction,
               "source_site": source, "overrides": common, "command": sys.argv, "runs": []}
     if reuse and record_file.is_file():  # keep the timings of the runs an earlier call finished
@@ -273,11 +286,11 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
         done = {k: v for k, v in results.items() if v}
         if not done:
             return
-        print(write_table(done, work, source, f"{root.name}: Dice per domain ({n_seeds} seed(s))"), flush=True)
+        print(write_table(done, tables_dir, source, f"{root.name}: Dice per domain ({n_seeds} seed(s))"), flush=True)
         table = ablation_table(done, source_site=source, perturbations=perturbations, seeds=seeds_of)
         table += "\n\nUnseen Dice per case, mean over each arm's seeds:\n\n" + case_table(done, source_site=source)
         table += "\n\n" + protocol_text([load_summary(p) for v in done.values() for p in v])
-        (work / "ablation.md").write_text(table + "\n")
+        (tables_dir / "ablation.md").write_text(table + "\n")
         print(table, flush=True)
 
     for si, seed in enumerate(seed_list):
@@ -302,9 +315,11 @@ def main(bundle: str = "prostate", methods="none,mixstyle,dsu,mixstyleflow", see
             perturbation = logs / arm.log_folder() / "perturbation.json"
             if arm.method.name != "none" and perturbation.is_file():
                 perturbations[arm.label].append(json.loads(perturbation.read_text())["mean"])
+            if last:
+                checkpoint = checkpoint.with_name(checkpoint.stem + "_final.pt")
             # evaluate each arm as soon as it is trained, so partial tables exist while the rest runs
             t0 = time.time()
-            summary = evaluate_checkpoints(str(root), [str(checkpoint)], [arm.label], run_dir / "eval", reuse=reuse,
+            summary = evaluate_checkpoints(str(root), [str(checkpoint)], [arm.label], run_dir / ("eval_last" if last else "eval"), reuse=reuse,
                                            **known_to(root, "evaluate", {**evaluation, "seed": seed, "ckpt_dir": str(models)}))
             record["runs"].append({"run": f"{tag} {arm.label} evaluation", "seconds": round(time.time() - t0, 1)})
             results[arm.label].append(summary[arm.label])

@@ -96,6 +96,23 @@ def test_benchmark_script_trains_evaluates_and_tabulates(tmp_path):
     assert "RandConv always: finished before" not in text and "RandConv always (benchmark at" in text
     assert torch.load(state_file, weights_only=True)["finished"]
 
+    # --checkpoint_policy last: the last epoch's weights of the finished runs, in their own
+    # folders, so the best-checkpoint tables stay as they are
+    best_ablation = (work / "ablation.md").read_text()
+    text = _script(*args, "--train", "false", "--checkpoint_policy", "last", cwd=tmp_path)
+    assert (work / "ablation.md").read_text() == best_ablation
+    last = (work / "last" / "ablation.md").read_text()
+    assert "| RandConv always | 1 |" in last and "the last epoch's checkpoint" in last
+    evaluated = {json.loads(p.read_text())["protocol"]["checkpoint"]: json.loads(p.read_text())["protocol"]
+                 for p in (work / "seed0" / "eval_last" / "per_case").glob("*_summary.json")}
+    assert set(evaluated) == {"phase1_model_final.pt", "model_randconv_style_p-1.0_final.pt"}
+    assert {(p["checkpoint_policy"], p["selected_on"]) for p in evaluated.values()} == {("last", "none (the last epoch)")}
+    best = json.loads((work / "seed0" / "eval" / "per_case" / "Baseline_summary.json").read_text())["protocol"]
+    assert best["checkpoint"] == "phase1_model.pt" and best["selected_on"] == "source validation"
+    proc = subprocess.run([sys.executable, *map(str, args), "--checkpoint_policy", "newest"], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode != 0 and "--checkpoint_policy must be one of best, last, not 'newest'" in proc.stdout
+
 
 @pytest.mark.slow
 def test_evaluate_script_leaves_training_patients_out(tmp_path):

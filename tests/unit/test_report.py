@@ -45,6 +45,9 @@ def test_every_table_states_its_dice_protocol(tmp_path):
     assert one.endswith("Protocol: Dice per volume, all slices, each scan's original geometry, best checkpoint on source validation.")
     mixed = summary_table(*(str(tmp_path / f"{n}_summary.json") for n in ("X", "Y", "Old")))
     assert "MIXED" in mixed and "per slice, all slices, the resized grid" in mixed and "recorded before 0.5.0" in mixed
+    last = dict(original, checkpoint_policy="last", selected_on="none (the last epoch)")
+    (tmp_path / "Z_summary.json").write_text(json.dumps(dict(base, protocol=last)))
+    assert summary_table(str(tmp_path / "Z_summary.json")).endswith("each scan's original geometry, the last epoch's checkpoint.")
 
 
 def _summary(values, other=()):
