@@ -53,9 +53,9 @@ TRAINING_ONLY = ("epochs", "lr", "val_interval", "train_fraction", "style_p", "m
 #: arm settings that change Phase II (which flows are fitted), not Phase III
 PHASE2_SETTINGS = ("stats_regime", "statistic")
 #: settings an arm may not change: they need another Phase I (run a separate benchmark)
+SHARED_SETTINGS = ("image_size", "dataset_dir", "source_site", "seed", "batch_size", "val_fraction", "train_fraction")
 #: ``--checkpoint_policy``: evaluate the checkpoint chosen on source validation, or the last epoch's
 CHECKPOINT_POLICIES = ("best", "last")
-SHARED_SETTINGS = ("image_size", "dataset_dir", "source_site", "seed", "batch_size", "val_fraction", "train_fraction")
 
 
 @dataclass
